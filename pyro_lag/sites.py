@@ -1,0 +1,292 @@
+"""Trace introspection: batches, the data plate, local latent sites, and the guide/model parameter split.
+
+Everything here works on plain Pyro traces, so it applies to any model/guide pair:
+hand-written guides, ``pyro.module`` or ``PyroModule`` parameters, and AutoGuides.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.poutine.trace_struct import Trace
+
+Batch = Any
+"""A batch: a tuple of positional args, a bare tensor (one-argument call), or an (args, kwargs) pair."""
+
+
+class NoLocalLatentError(ValueError):
+    """The guide samples no local latent variable inside a data plate, so latent usage is undefined."""
+
+
+def normalize_batch(batch: Batch) -> tuple[tuple, dict]:
+    """Turn a batch into ``(args, kwargs)``: a bare tensor is a one-argument call."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if (
+        isinstance(batch, (tuple, list))
+        and len(batch) == 2
+        and isinstance(batch[0], (tuple, list))
+        and isinstance(batch[1], dict)
+    ):
+        return tuple(batch[0]), dict(batch[1])
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    return (batch,), {}
+
+
+# --------------------------------------------------------------------------- sites
+
+
+def _base_fn(fn: Any) -> Any:
+    """Strip Independent / Masked / Expanded wrappers to reach the distribution that defines the density."""
+    while True:
+        if isinstance(fn, (dist.Independent, torch.distributions.Independent)):
+            fn = fn.base_dist
+        elif isinstance(fn, dist.MaskedDistribution):
+            fn = fn.base_dist
+        elif isinstance(fn, dist.ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            return fn
+
+
+def is_delta(fn: Any) -> bool:
+    """Whether a site's distribution is a point mass (a deterministic function of other sites)."""
+    return isinstance(_base_fn(fn), dist.Delta)
+
+
+def is_latent(site: dict) -> bool:
+    """A non-observed sample site."""
+    return site["type"] == "sample" and not site["is_observed"]
+
+
+def site_frame(site: dict, plate: str) -> Any | None:
+    """The vectorized plate frame called ``plate`` in a site's stack, if any."""
+    for frame in site["cond_indep_stack"]:
+        if frame.name == plate and frame.vectorized:
+            return frame
+    return None
+
+
+def find_data_plate(trace: Trace, data_plate: str | None = None) -> str:
+    """Name of the subsampled data plate of a guide trace.
+
+    The plate that holds the most non-point-mass latent sites; ties go to a plate
+    that is subsampled, then to the outermost one. ``data_plate`` overrides.
+    """
+    counts: Counter = Counter()
+    subsampled: set[str] = set()
+    outer_rank: dict[str, int] = {}
+    for site in trace.nodes.values():
+        if not is_latent(site) or is_delta(site["fn"]):
+            continue
+        for rank, frame in enumerate(reversed(site["cond_indep_stack"])):
+            if not frame.vectorized:
+                continue
+            counts[frame.name] += 1
+            outer_rank.setdefault(frame.name, rank)
+            if frame.full_size is not None and frame.full_size != frame.size:
+                subsampled.add(frame.name)
+    if data_plate is not None:
+        if data_plate not in counts:
+            raise NoLocalLatentError(
+                f"the guide samples no latent variable inside plate {data_plate!r}"
+            )
+        return data_plate
+    if not counts:
+        raise NoLocalLatentError(
+            "the guide has no local latent site: no latent sample statement inside a "
+            "vectorized pyro.plate (a guide such as AutoDiagonalNormal has only global latents)"
+        )
+    return max(counts, key=lambda n: (counts[n], n in subsampled, -outer_rank[n]))
+
+
+@dataclass
+class LocalSite:
+    """A local latent site of a guide trace: its name and the batch dim of the data plate."""
+
+    name: str
+    dim: int  # negative index of the data plate in the site's batch shape
+
+
+def local_latent_sites(trace: Trace, data_plate: str, *, include_delta: bool = False) -> list[LocalSite]:
+    """Latent sites inside the data plate, point masses excluded unless asked for.
+
+    AutoNormal's local latents are its auxiliary ``*_unconstrained`` sites; its Delta
+    sites only map them to the constrained space.
+    """
+    found = []
+    for name, site in trace.nodes.items():
+        if not is_latent(site):
+            continue
+        if is_delta(site["fn"]) and not include_delta:
+            continue
+        frame = site_frame(site, data_plate)
+        if frame is not None:
+            found.append(LocalSite(name, frame.dim))
+    return found
+
+
+def raw_log_prob(site: dict) -> torch.Tensor:
+    """A site's log-density without the subsample or annealing scale, with its mask applied.
+
+    The result has the site's full batch shape, so the data plate's dim is always present.
+    """
+    fn, value = site["fn"], site["value"]
+    log_p = fn.log_prob(value)
+    event_dim = len(fn.event_shape)
+    batch_shape = value.shape[: value.dim() - event_dim]
+    log_p = log_p.expand(torch.broadcast_shapes(log_p.shape, batch_shape))
+    mask = site.get("mask")
+    if mask is not None and mask is not True:
+        if mask is False:
+            return torch.zeros_like(log_p)
+        log_p = torch.where(mask, log_p, torch.zeros_like(log_p))
+    return log_p
+
+
+def sum_to_plate(values: torch.Tensor, plate_dim: int, keep_left: int = 0) -> torch.Tensor:
+    """Sum a batch-shaped tensor over all dims but the data plate's (and ``keep_left`` leading dims).
+
+    ``plate_dim`` is the plate's negative batch dim; dims further left than the
+    program's plates (such as a particle plate) are kept when ``keep_left`` says so.
+    """
+    position = values.dim() + plate_dim
+    if position < keep_left:
+        raise ValueError("the data plate dim overlaps the kept leading dims")
+    dims = [d for d in range(keep_left, values.dim()) if d != position]
+    return values.sum(dim=dims) if dims else values
+
+
+def point_log_prob(site: dict, data_plate: str, keep_left: int = 0) -> torch.Tensor | None:
+    """A site's unscaled log-density summed to one value per data point, or None outside the plate."""
+    frame = site_frame(site, data_plate)
+    if frame is None:
+        return None
+    return sum_to_plate(raw_log_prob(site), frame.dim, keep_left)
+
+
+def detach_trace(trace: Trace) -> Trace:
+    """A copy of a trace whose sample values are cut from the graph, for replaying into the model."""
+    detached = trace.copy()
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample":
+            node = dict(site)
+            node["value"] = site["value"].detach()
+            detached.nodes[name] = node
+    return detached
+
+
+def max_plate_nesting(*traces: Trace) -> int:
+    """How many batch dims the program's plates use (the leftmost plate's ``-dim``)."""
+    depth = 0
+    for trace in traces:
+        for site in trace.nodes.values():
+            for frame in site.get("cond_indep_stack", ()):
+                if frame.vectorized:
+                    depth = max(depth, -frame.dim)
+    return depth
+
+
+# ------------------------------------------------------------------ parameter split
+
+Override = Sequence[Any]  # parameter names (glob patterns allowed) and/or nn.Modules
+
+
+@dataclass
+class ParamSplit:
+    """Which unconstrained parameter tensors are the guide's (phi), the model's (theta), or neither.
+
+    Keys are Pyro param-store names; values the unconstrained leaf tensors that optimizers step.
+    """
+
+    guide: dict[str, torch.Tensor] = field(default_factory=dict)
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    other: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def side_of(self, name: str) -> str | None:
+        for side in ("guide", "model", "other"):
+            if name in getattr(self, side):
+                return side
+        return None
+
+    def known(self, names: Iterable[str]) -> bool:
+        return all(self.side_of(n) is not None for n in names)
+
+
+def _matches(name: str, tensor: torch.Tensor, override: Override) -> bool:
+    """Whether a parameter is named by an override entry (name, glob, or module holding it)."""
+    for entry in override:
+        if isinstance(entry, str):
+            if fnmatch.fnmatchcase(name, entry) or name == entry:
+                return True
+        elif isinstance(entry, torch.nn.Module):
+            if any(p is tensor for p in entry.parameters()):
+                return True
+        elif isinstance(entry, torch.Tensor):
+            if entry is tensor:
+                return True
+    return False
+
+
+def _connected(output: torch.Tensor, params: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the parameters that ``output`` depends on through the autograd graph."""
+    names = [n for n, p in params.items() if p.requires_grad]
+    if not names or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        return set()
+    grads = torch.autograd.grad(
+        output, [params[n] for n in names], allow_unused=True, retain_graph=True
+    )
+    return {n for n, g in zip(names, grads) if g is not None}
+
+
+def probe_param_split(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    guide_params: Override = (),
+    model_params: Override = (),
+) -> ParamSplit:
+    """Split the parameters by gradient: phi feeds log q(z|x), theta feeds log p(x, z) at fixed z.
+
+    The guide is traced; its samples, detached, are replayed into the model. A parameter
+    in both is the model's; one in neither (TraceGraph_ELBO baselines) is ``other``.
+    Overrides force parameters to a side by name (glob) or module.
+    """
+    with poutine.trace(param_only=True) as capture:
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(
+            poutine.replay(model, trace=detach_trace(guide_trace))
+        ).get_trace(*args, **kwargs)
+    params = {
+        name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
+    }
+    guide_out = guide_trace.log_prob_sum()
+    for site in guide_trace.nodes.values():
+        if is_latent(site) and site["value"].requires_grad and site["value"].is_floating_point():
+            guide_out = guide_out + site["value"].sum()
+    phi = _connected(guide_out, params)
+    theta = _connected(model_trace.log_prob_sum(), params)
+
+    split = ParamSplit()
+    for name, tensor in params.items():
+        if _matches(name, tensor, model_params):
+            split.model[name] = tensor
+        elif _matches(name, tensor, guide_params):
+            split.guide[name] = tensor
+        elif name in theta:
+            split.model[name] = tensor
+        elif name in phi:
+            split.guide[name] = tensor
+        else:
+            split.other[name] = tensor
+    return split
