@@ -1,0 +1,19 @@
+"""Built-in model/guide pairs of He et al. (2019), usable with pyro_lag's SVI and diagnostics.
+
+``build(name, preset)`` makes one by name; ``list_models()`` names them all.
+"""
+from .base import LatentPair
+from .lstm_text import LSTMTextVAE
+from .mlp_image import MLPImageVAE
+from .registry import MODELS, ModelEntry, build, list_models, register
+
+__all__ = [
+    "LatentPair",
+    "LSTMTextVAE",
+    "MLPImageVAE",
+    "MODELS",
+    "ModelEntry",
+    "build",
+    "list_models",
+    "register",
+]
