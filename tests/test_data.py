@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyro_lag.data.text as text_module
 from pyro_lag.data import (
     DataFileError,
     ImageBatches,
@@ -61,7 +62,7 @@ def test_ptb_vocabulary_has_10000_words_plus_specials(ptb):
     assert (vocab.pad, vocab.bos, vocab.eos, vocab.unk) == (0, 1, 2, 3)
     # The file holds 9,999 distinct tokens (its literal <unk> among them); with the
     # end-of-sentence symbol that is PTB's standard 10,000-word vocabulary.
-    in_file = {t for line in open(folder / "ptb.train.txt", encoding="utf-8") for t in line.split()}
+    in_file = {t for line in (folder / "ptb.train.txt").read_text("utf-8").splitlines() for t in line.split()}
     assert len(in_file) == 9_999 and "<unk>" in in_file
     assert set(words) == in_file | {"<pad>", "<s>", "</s>"}
     assert len(set(words) - {"<pad>", "<s>"}) == 10_000
@@ -74,7 +75,7 @@ def test_literal_unk_and_unknown_words_map_to_unk(ptb):
     assert vocab.to_list().count("<unk>") == 1
     # The validation file only holds train words: its unk ids are exactly its literal <unk>s.
     valid = TextCorpus.from_file(folder / "ptb.valid.txt", vocab)
-    literal = sum(line.split().count("<unk>") for line in open(folder / "ptb.valid.txt", encoding="utf-8"))
+    literal = sum(line.split().count("<unk>") for line in (folder / "ptb.valid.txt").read_text("utf-8").splitlines())
     assert int((valid.tokens == vocab.unk).sum()) == literal > 0
     assert len(valid) == 3_370
 
@@ -103,7 +104,7 @@ def test_ptb_corpus_wraps_every_line_in_bos_eos(ptb):
     folder, vocab, corpus = ptb
     assert len(corpus) == 42_068
     assert corpus.tokens.dtype == np.int32
-    lines = open(folder / "ptb.train.txt", encoding="utf-8").read().splitlines()
+    lines = (folder / "ptb.train.txt").read_text("utf-8").splitlines()
     for i in (0, 1, 1000, len(corpus) - 1):
         assert corpus.sentence(i) == lines[i].split()
         assert corpus[i][0] == vocab.bos and corpus[i][-1] == vocab.eos
@@ -204,7 +205,7 @@ def test_bad_text_files_give_one_line_errors(tmp_path, data, message):
         TextCorpus.from_file(path, Vocabulary())
 
 
-def test_missing_directory_and_unreadable_text_files(tmp_path):
+def test_missing_directory_and_unreadable_text_files(tmp_path, monkeypatch):
     missing = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError) as err:
         Vocabulary.from_file(missing)
@@ -215,11 +216,14 @@ def test_missing_directory_and_unreadable_text_files(tmp_path):
     locked = write(tmp_path, "locked.txt", b"a b\n")
     locked.chmod(0)
     try:
-        if os.access(locked, os.R_OK):
-            pytest.skip("running with privileges that ignore file permissions")
+        if os.access(locked, os.R_OK):  # root ignores permissions: make opening fail as it would
+            def refuse(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(text_module, "open", refuse, raising=False)
         with pytest.raises(DataFileError) as err:
             Vocabulary.from_file(locked)
-        assert "cannot read" in one_line_naming(err, locked)
+        assert "cannot read" in one_line_naming(err, locked) and "Permission denied" in str(err.value)
     finally:
         locked.chmod(0o600)
 
