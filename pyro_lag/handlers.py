@@ -1,0 +1,312 @@
+"""KL weights (annealing, beta, cyclical) and free bits as Pyro handlers.
+
+These work on any Pyro model/guide pair, not only the built-in ones:
+
+    >>> schedule = linear_annealing(kl_start=0.1, warm_up_epochs=10, steps_per_epoch=100)
+    >>> weight = KLWeight(schedule)              # reads schedule.value at every site
+    >>> svi = pyro.infer.SVI(weight(model), weight(guide), optim, Trace_ELBO())
+    >>> schedule.update(epoch, step)             # once per training step
+
+    >>> fb = FreeBits(0.5)
+    >>> svi = pyro.infer.SVI(fb.model(model), fb.guide(guide), optim, Trace_ELBO())
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import pyro
+import torch
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import Distribution, Independent, kl_divergence
+
+__all__ = [
+    "KLWeight",
+    "KLSchedule",
+    "LinearAnnealing",
+    "ConstantWeight",
+    "Cyclical",
+    "linear_annealing",
+    "beta",
+    "cyclical",
+    "FreeBits",
+]
+
+Weight = Union[float, Callable[[], float]]
+
+
+class KLWeight(Messenger):
+    """Multiply the scale of every non-observed sample site by a KL weight.
+
+    Apply the same handler to both model and guide: Trace_ELBO's
+    ``log p(z) - log q(z)`` is then weighted by ``w`` while ``log p(x|z)``
+    (observed sites, factors) keeps weight 1. ``weight`` is a float or a
+    zero-argument callable (e.g. a schedule) read afresh at every site, so a
+    schedule updated in place changes the weight without rebuilding anything.
+    """
+
+    def __init__(self, weight: Weight) -> None:
+        if not callable(weight):
+            _check_weight(float(weight), "weight")
+        super().__init__()
+        self.weight = weight
+
+    def current(self) -> float:
+        """The weight that the next site will receive."""
+        w = self.weight() if callable(self.weight) else self.weight
+        _check_weight(float(w), "weight")
+        return float(w)
+
+    def _process_message(self, msg) -> None:
+        if _is_latent(msg):
+            msg["scale"] = self.current() * msg["scale"]
+
+
+def _is_latent(msg) -> bool:
+    """A non-observed sample site that is not a plate's subsample site."""
+    return msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg)
+
+
+def _check_weight(w: float, name: str) -> None:
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"KL {name} must be a finite number >= 0, got {w}")
+
+
+class KLSchedule:
+    """A KL weight that depends on the training position.
+
+    ``weight(epoch, step)`` is the pure schedule (epoch 0-based, step the
+    0-based index of the training step within the epoch); ``update(epoch,
+    step)`` stores it in ``.value``, and calling the schedule returns
+    ``.value``, so the schedule itself can be handed to :class:`KLWeight`.
+    """
+
+    def __init__(self, initial: float) -> None:
+        self.value = float(initial)
+
+    def weight(self, epoch: int, step: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def update(self, epoch: int, step: int) -> float:
+        """Set ``.value`` to the weight of training step ``step`` of ``epoch``."""
+        self.value = self.weight(epoch, step)
+        return self.value
+
+    def __call__(self) -> float:
+        return self.value
+
+
+class ConstantWeight(KLSchedule):
+    """A fixed KL weight (beta-VAE when ``b != 1``)."""
+
+    def __init__(self, b: float) -> None:
+        _check_weight(float(b), "weight beta")
+        super().__init__(b)
+        self.b = float(b)
+
+    def weight(self, epoch: int, step: int) -> float:
+        return self.b
+
+    def __repr__(self) -> str:
+        return f"beta({self.b})"
+
+
+class LinearAnnealing(KLSchedule):
+    """KL annealing as in He et al.'s reference code.
+
+    The weight starts at ``kl_start`` and grows by
+    ``(1 - kl_start) / (warm_up_epochs * steps_per_epoch)`` before every
+    training step, capped at 1, so step ``t`` (0-based, counted over epochs)
+    trains with ``min(1, kl_start + (t + 1) * rate)``. ``warm_up_epochs == 0``
+    means weight 1 throughout.
+    """
+
+    def __init__(self, kl_start: float, warm_up_epochs: float, steps_per_epoch: int) -> None:
+        if not 0.0 <= kl_start <= 1.0:
+            raise ValueError(f"kl_start must lie in [0, 1], got {kl_start}")
+        if warm_up_epochs < 0:
+            raise ValueError(f"warm_up_epochs must be >= 0, got {warm_up_epochs}")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.kl_start = float(kl_start)
+        self.warm_up_epochs = warm_up_epochs
+        self.steps_per_epoch = int(steps_per_epoch)
+        if warm_up_epochs == 0:
+            self.rate = math.inf
+        else:
+            self.rate = (1.0 - self.kl_start) / (warm_up_epochs * self.steps_per_epoch)
+        super().__init__(self.kl_start)
+
+    def weight(self, epoch: int, step: int) -> float:
+        if math.isinf(self.rate):
+            return 1.0
+        t = epoch * self.steps_per_epoch + step
+        return min(1.0, self.kl_start + (t + 1) * self.rate)
+
+    def __repr__(self) -> str:
+        return (
+            f"linear_annealing(kl_start={self.kl_start}, warm_up_epochs={self.warm_up_epochs}, "
+            f"steps_per_epoch={self.steps_per_epoch})"
+        )
+
+
+class Cyclical(KLSchedule):
+    """Cyclical KL annealing (Fu et al., 2019, ``frange_cycle_linear``).
+
+    Training is cut into ``n_cycles`` equal periods of
+    ``total_steps / n_cycles`` steps; within each, the weight rises linearly
+    from 0 to 1 over the first ``ratio`` of the period and stays at 1 after.
+    """
+
+    def __init__(self, n_cycles: int, ratio: float, epochs: int, steps_per_epoch: int) -> None:
+        if n_cycles < 1:
+            raise ValueError(f"n_cycles must be >= 1, got {n_cycles}")
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"cyclical ratio must lie in (0, 1], got {ratio}")
+        if epochs < 1 or steps_per_epoch < 1:
+            raise ValueError(
+                f"cyclical schedule needs epochs >= 1 and steps_per_epoch >= 1, got {epochs}, {steps_per_epoch}"
+            )
+        self.n_cycles = int(n_cycles)
+        self.ratio = float(ratio)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.total_steps = int(epochs) * self.steps_per_epoch
+        self.period = self.total_steps / self.n_cycles
+        super().__init__(0.0)
+
+    def weight(self, epoch: int, step: int) -> float:
+        t = epoch * self.steps_per_epoch + step
+        position = t - math.floor(t / self.period) * self.period
+        return min(1.0, position / (self.period * self.ratio))
+
+    def __repr__(self) -> str:
+        return f"cyclical(n_cycles={self.n_cycles}, ratio={self.ratio}, total_steps={self.total_steps})"
+
+
+def linear_annealing(kl_start: float, warm_up_epochs: float, steps_per_epoch: int) -> LinearAnnealing:
+    """KL weight from ``kl_start`` to 1 linearly over ``warm_up_epochs`` (He et al.'s reference)."""
+    return LinearAnnealing(kl_start, warm_up_epochs, steps_per_epoch)
+
+
+def beta(b: float) -> ConstantWeight:
+    """A constant KL weight ``b``."""
+    return ConstantWeight(b)
+
+
+def cyclical(n_cycles: int, ratio: float, epochs: int, steps_per_epoch: int) -> Cyclical:
+    """Cyclical annealing: ``n_cycles`` linear ramps over the first ``ratio`` of each cycle."""
+    return Cyclical(n_cycles, ratio, epochs, steps_per_epoch)
+
+
+# ---------------------------------------------------------------------------
+# Free bits
+
+
+def _elementwise(fn: Distribution, site: str) -> Tuple[Distribution, int]:
+    """Strip ``Independent`` wrappers: the distribution whose ``log_prob`` is per latent dimension."""
+    event_dims = 0
+    while isinstance(fn, Independent):
+        event_dims += fn.reinterpreted_batch_ndims
+        fn = fn.base_dist
+    if len(fn.event_shape) != 0:
+        raise ValueError(
+            f"FreeBits: site '{site}' has a {type(fn).__name__} distribution with joint event shape "
+            f"{tuple(fn.event_shape)}; free bits needs independent dimensions (e.g. Normal(...).to_event(1))"
+        )
+    return fn, event_dims
+
+
+class _FreeBitsGuide(Messenger):
+    """Guide side of :class:`FreeBits`: remembers each latent site's distribution and sample."""
+
+    def __init__(self, owner: "FreeBits") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def _postprocess_message(self, msg) -> None:
+        if not _is_latent(msg) or not self.owner._selected(msg["name"]):
+            return
+        self.owner._guide_sites[msg["name"]] = (msg["fn"], msg["value"])
+
+
+class _FreeBitsModel(Messenger):
+    """Model side of :class:`FreeBits`: adds the correction factor after each matching latent site."""
+
+    def __init__(self, owner: "FreeBits") -> None:
+        super().__init__()
+        self.owner = owner
+
+    def _postprocess_message(self, msg) -> None:
+        if not _is_latent(msg):
+            return
+        record = self.owner._guide_sites.pop(msg["name"], None)
+        if record is None:
+            return
+        q_fn, q_value = record
+        if msg["value"] is not q_value:
+            return  # the model was not run on this guide's sample: nothing to correct
+        correction = self.owner._correction(msg["name"], q_fn, msg["fn"], q_value)
+        pyro.factor(f"{msg['name']}_free_bits", correction, has_rsample=True)
+
+
+class FreeBits:
+    """Free bits (Kingma et al., 2016) for Trace_ELBO, as a pair of handlers.
+
+    For every latent dimension ``d`` of a local site, the KL term becomes
+    ``max(lam, KL_d)`` per data point, where ``KL_d`` is the closed-form
+    ``KL(q(z_d|x) || p(z_d))`` averaged over the minibatch (all batch dims).
+    A dimension under the floor therefore contributes the constant ``lam``
+    to the loss and no gradient; dimensions above it are untouched.
+
+    How: ``guide`` records the guide's distribution and sample at each site;
+    ``model``, right after the model's matching site, adds a factor
+    ``sum_{d under} [log q_d(z_d) - log p_d(z_d) - lam]``. It cancels, on the
+    very same sample, the Monte Carlo KL term of those dimensions that
+    Trace_ELBO computes, so their gradient is exactly zero (also through the
+    reparameterised ``z``), while the reconstruction term still reaches
+    them. With an analytic-KL loss (TraceMeanField_ELBO) the cancellation
+    holds in expectation. Use instead of, not together with, :class:`KLWeight`
+    (a KL weight would no longer match the factor's scale).
+
+    ``sites`` restricts free bits to the named sample sites (default: every
+    latent site present in both guide and model). ``last_kl`` holds the
+    batch-averaged per-dimension KL of the last step, per site.
+    """
+
+    def __init__(self, lam: float, sites: Optional[Sequence[str]] = None) -> None:
+        lam = float(lam)
+        if not math.isfinite(lam) or lam < 0:
+            raise ValueError(f"free bits lambda must be a finite number >= 0, got {lam}")
+        self.lam = lam
+        self.sites = None if sites is None else frozenset(sites)
+        self._guide_sites: Dict[str, tuple] = {}
+        self.last_kl: Dict[str, torch.Tensor] = {}
+        self.guide = _FreeBitsGuide(self)
+        self.model = _FreeBitsModel(self)
+
+    def _selected(self, name: str) -> bool:
+        return self.sites is None or name in self.sites
+
+    def _correction(self, name: str, q_fn: Distribution, p_fn: Distribution, z: torch.Tensor) -> torch.Tensor:
+        q, event_dims = _elementwise(q_fn, name)
+        p, p_event_dims = _elementwise(p_fn, name)
+        if p_event_dims != event_dims:
+            raise ValueError(
+                f"FreeBits: site '{name}' has {event_dims} event dims in the guide but {p_event_dims} in the model"
+            )
+        with torch.no_grad():
+            try:
+                kl = kl_divergence(q, p)
+            except NotImplementedError:  # no closed form: one-sample estimate
+                kl = q.log_prob(z) - p.log_prob(z)
+            kl = kl.expand(z.shape)
+            event_shape = z.shape[z.dim() - event_dims:]
+            kl_bar = kl.reshape((-1,) + tuple(event_shape)).mean(0)
+            under = (kl_bar < self.lam).to(z.dtype)
+        self.last_kl[name] = kl_bar
+        per_dim = (q.log_prob(z) - p.log_prob(z) - self.lam) * under
+        return per_dim.reshape(z.shape[: z.dim() - event_dims] + (-1,)).sum(-1)
+
+    def __repr__(self) -> str:
+        return f"FreeBits({self.lam})"
