@@ -24,6 +24,14 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lag.sites import (
+    find_data_plate,
+    is_latent,
+    local_latent_sites,
+    normalize_batch,
+    site_frame,
+)
+
 if TYPE_CHECKING:  # arviz warns on import: import it lazily, see _arviz()
     import arviz
     import xarray
@@ -44,53 +52,40 @@ def _arviz():
     return arviz
 
 
-def _as_args(batch: Any) -> tuple:
-    """A batch is a tuple of positional args; a bare tensor means a one-argument call."""
-    if isinstance(batch, tuple):
-        return batch
-    if isinstance(batch, list):
-        return tuple(batch)
-    return (batch,)
+def _local_latent_values(trace, data_plate: str, sites: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    """``{site: value as [obs, latent_dim]}`` for the local latents of one guide trace.
 
-
-def _data_frame(site: dict):
-    """The plate frame that indexes observations for a sample site, or None for a global site.
-
-    The subsampled vectorized plate when there is one, else the outermost vectorized plate.
+    Defaults to every non-auxiliary latent site in the data plate (for AutoNormal the
+    constrained sites the model sees, not the auxiliary ``*_unconstrained`` ones).
     """
-    frames = [f for f in site["cond_indep_stack"] if f.vectorized]
-    if not frames:
-        return None
-    subsampled = [f for f in frames if f.full_size is not None and f.full_size != f.size]
-    return subsampled[0] if subsampled else frames[0]
-
-
-def _local_latent_names(trace) -> list[str]:
-    """Names of the guide's non-auxiliary latent sample sites that sit inside a vectorized plate."""
-    names = []
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
-            continue
-        if site["infer"].get("is_auxiliary", False):
-            continue
-        if _data_frame(site) is not None:
-            names.append(name)
-    return names
-
-
-def _obs_by_latent(site: dict) -> torch.Tensor:
-    """Reshape a site's value to ``[obs, latent_dim]``: data-plate dim first, the rest flattened."""
-    value = site["value"]
-    frame = _data_frame(site)
-    event_dim = site["fn"].event_dim
-    plate_axis = value.dim() - event_dim + frame.dim
-    if plate_axis < 0 or value.shape[plate_axis] != frame.size:
-        raise ValueError(
-            f"site {site['name']!r}: value of shape {tuple(value.shape)} does not span "
-            f"plate {frame.name!r} of size {frame.size}"
-        )
-    value = value.movedim(plate_axis, 0)
-    return value.reshape(value.shape[0], -1)
+    if sites is None:
+        local = local_latent_sites(trace, data_plate, include_delta=True)
+        names = [
+            s.name
+            for s in local
+            if not trace.nodes[s.name]["infer"].get("is_auxiliary")
+            and not site_is_subsample(trace.nodes[s.name])  # a nested plate's own site
+        ]
+    else:
+        names = list(sites)
+    values = {}
+    for name in names:
+        site = trace.nodes.get(name)
+        if site is None or not is_latent(site) or site_is_subsample(site):
+            raise ValueError(f"sites: {name!r} is not a latent sample site of the guide")
+        frame = site_frame(site, data_plate)
+        if frame is None:
+            raise ValueError(f"sites: {name!r} is not inside the data plate {data_plate!r}")
+        value = site["value"]
+        axis = value.dim() - site["fn"].event_dim + frame.dim
+        if axis < 0 or value.shape[axis] != frame.size:
+            raise ValueError(
+                f"site {name!r}: value of shape {tuple(value.shape)} does not span "
+                f"plate {data_plate!r} of size {frame.size}"
+            )
+        value = value.movedim(axis, 0)
+        values[name] = value.reshape(value.shape[0], -1)
+    return values
 
 
 def posterior_draws(
@@ -99,36 +94,27 @@ def posterior_draws(
     num_draws: int = 200,
     sites: Sequence[str] | None = None,
     max_obs: int | None = None,
+    data_plate: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the guide's local latents for the observations of one batch.
 
     Runs the guide ``num_draws`` times under ``poutine.trace`` without gradients and returns
     ``{site: Tensor[1, num_draws, obs, latent_dim]}`` (one chain: guide draws are independent).
-    ``sites`` defaults to every non-auxiliary latent site inside a vectorized plate; ``max_obs``
-    keeps only the first observations of the batch.
+    ``batch`` is a tuple of positional args, a bare tensor or an ``(args, kwargs)`` pair.
+    ``sites`` defaults to the non-auxiliary latent sites in the data plate (found as in
+    :mod:`pyro_lag.sites`, or named by ``data_plate``); ``max_obs`` keeps the first observations.
     """
     if num_draws < 1:
         raise ValueError(f"num_draws must be at least 1, got {num_draws}")
     if max_obs is not None and max_obs < 1:
         raise ValueError(f"max_obs must be at least 1, got {max_obs}")
-    args = _as_args(batch)
+    args, kwargs = normalize_batch(batch)
     draws: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for _ in range(num_draws):
-            trace = poutine.trace(guide).get_trace(*args)
-            names = list(sites) if sites is not None else _local_latent_names(trace)
-            if not names:
-                raise ValueError(
-                    "guide has no local latent site (no latent sample site inside a vectorized "
-                    "plate); pass sites= to name the latent sites to draw"
-                )
-            for name in names:
-                site = trace.nodes.get(name)
-                if site is None or site["type"] != "sample" or site_is_subsample(site):
-                    raise ValueError(f"sites: {name!r} is not a sample site of the guide")
-                if _data_frame(site) is None:
-                    raise ValueError(f"sites: {name!r} is not inside a vectorized plate")
-                value = _obs_by_latent(site)
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            plate = find_data_plate(trace, data_plate)
+            for name, value in _local_latent_values(trace, plate, sites).items():
                 draws.setdefault(name, []).append(value[:max_obs])
     return {name: torch.stack(values).unsqueeze(0) for name, values in draws.items()}
 

@@ -216,7 +216,7 @@ def test_rejects_bad_inputs():
         to_inference_data(usage={"kl": [1.0, 2.0]})
     with pytest.raises(ValueError, match="needs a batch"):
         to_inference_data(guide=TinyVAE().guide)
-    with pytest.raises(ValueError, match="'data' is not a sample site"):
+    with pytest.raises(ValueError, match="'data' is not a latent sample site"):
         posterior_draws(TinyVAE().guide, torch.randn(3, 5), num_draws=1, sites=["data"])
 
 
