@@ -6,6 +6,7 @@ from .base import LatentPair
 from .lstm_text import LSTMTextVAE
 from .mlp_image import MLPImageVAE
 from .registry import MODELS, ModelEntry, build, list_models, register
+from .synthetic import SyntheticGenerator, sample_corpus, true_posterior_mean, write_corpus
 
 __all__ = [
     "LatentPair",
@@ -16,4 +17,8 @@ __all__ = [
     "build",
     "list_models",
     "register",
+    "SyntheticGenerator",
+    "sample_corpus",
+    "true_posterior_mean",
+    "write_corpus",
 ]

@@ -84,7 +84,8 @@ class LSTMTextVAE(LatentPair):
 
     ``x`` is a LongTensor ``[B, T]`` of token ids starting with ``<s>`` and ending with
     ``</s>``; the decoder predicts ``x[:, 1:]`` from ``x[:, :-1]``. ``bos_id``/``eos_id``
-    are only needed to generate text (sampling, reconstruction).
+    are only used to generate text (sampling, reconstruction); their defaults are the
+    ids of ``pyro_lag.data``'s vocabulary (``<s>`` = 1, ``</s>`` = 2).
     """
 
     kind = "text"
@@ -99,8 +100,8 @@ class LSTMTextVAE(LatentPair):
         dropout: float = 0.5,
         init_range: float = 0.01,
         embed_init_range: float = 0.1,
-        bos_id: int | None = None,
-        eos_id: int | None = None,
+        bos_id: int | None = 1,
+        eos_id: int | None = 2,
         name: str = "lstm-text",
     ) -> None:
         super().__init__()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lag.models import LatentPair, build, list_models
+from pyro_lag.models import LatentPair, SyntheticGenerator, build, list_models, sample_corpus, true_posterior_mean, write_corpus
 from pyro_lag.models.registry import MODELS
 
 BOS, EOS = 1000, 1001  # ids appended after the synthetic corpus' 0..999 (vocabulary 1002)
@@ -256,7 +256,7 @@ def test_text_reconstruct(text_batch):
 
 
 def test_text_needs_bos_to_generate():
-    pair = build("lstm-text", vocab_size=10, ni=4, enc_nh=4, dec_nh=4)
+    pair = build("lstm-text", vocab_size=10, ni=4, enc_nh=4, dec_nh=4, bos_id=None)
     with pytest.raises(ValueError, match="bos_id"):
         pair.sample_prior(2)
 
@@ -331,3 +331,135 @@ def test_follows_input_device():
     _, model_tr = traces(pair, x)
     assert model_tr.nodes["x"]["log_prob"].device.type == device.type
     assert pair.sample_prior(2).device.type == device.type
+
+
+def test_text_special_ids_match_data_vocabulary():
+    from pyro_lag.data import Vocabulary
+
+    vocab = Vocabulary()
+    pair = build("lstm-text", vocab_size=10, ni=4, enc_nh=4, dec_nh=4)
+    assert (pair.bos_id, pair.eos_id) == (vocab.bos, vocab.eos)
+
+
+# ----- synthetic ----------------------------------------------------------------------------
+def test_synthetic_corpus_deterministic():
+    state = torch.get_rng_state()
+    a = sample_corpus(64, seed=0)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    assert a.shape == (64, 10) and a.dtype == torch.long
+    assert int(a.min()) >= 0 and int(a.max()) < 1000
+    assert torch.equal(a, sample_corpus(64, seed=0))
+    assert not torch.equal(a, sample_corpus(64, seed=1))
+    assert not torch.equal(a, sample_corpus(64, seed=0, weights_seed=1))
+
+
+def test_synthetic_generator_weights():
+    gen = SyntheticGenerator(seed=0)
+    assert gen.lstm.input_size == 102 and gen.lstm.hidden_size == 100
+    assert gen.out_linear2.weight.shape == (1000, 2)
+    w2 = gen.out_linear2.weight
+    assert float(w2.abs().max()) <= 5.0 and float(w2.abs().max()) > 4.5
+    for name, p in gen.named_parameters():
+        if name != "out_linear2.weight":
+            assert float(p.abs().max()) <= 1.0, name
+    assert torch.equal(gen.embed.weight, SyntheticGenerator(seed=0).embed.weight)
+    assert not torch.equal(gen.embed.weight, SyntheticGenerator(seed=1).embed.weight)
+
+
+def test_synthetic_mixture_prior():
+    tokens, z = sample_corpus(4000, seed=3, return_latent=True)
+    assert z.shape == (4000, 2)
+    quadrant = (z[:, 0] > 0).long() * 2 + (z[:, 1] > 0).long()
+    freq = torch.bincount(quadrant, minlength=4).float() / 4000
+    torch.testing.assert_close(freq, torch.full((4,), 0.25), atol=0.03, rtol=0)
+    torch.testing.assert_close(z.mean(0), torch.zeros(2), atol=0.15, rtol=0)
+    torch.testing.assert_close(z.var(0), torch.full((2,), 5.0), atol=0.4, rtol=0)  # 1 + 2^2
+    point = torch.tensor([0.5, -1.0])
+    comps = [torch.distributions.MultivariateNormal(torch.tensor(c), torch.eye(2)).log_prob(point) for c in
+             [(-2.0, -2.0), (2.0, 2.0), (-2.0, 2.0), (2.0, -2.0)]]
+    expected = torch.logsumexp(torch.stack(comps), 0) - math.log(4)
+    torch.testing.assert_close(SyntheticGenerator().prior().log_prob(point), expected)
+
+
+def test_synthetic_generator_log_density_by_hand():
+    """Score sentences under the Pyro model and by hand: first token uniform, logits = W1 h + W2 z."""
+    gen = SyntheticGenerator(seed=0)
+    tokens, z = sample_corpus(5, seed=0, return_latent=True)
+    tr = poutine.trace(poutine.condition(gen.model, data={"z": z})).get_trace(x=tokens)
+    tr.compute_log_prob()
+    got = sum(tr.nodes[f"x_{t}"]["log_prob"] for t in range(10))
+    w_ih, w_hh = gen.lstm.weight_ih_l0, gen.lstm.weight_hh_l0
+    b = gen.lstm.bias_ih_l0 + gen.lstm.bias_hh_l0
+    c = z @ gen.trans_linear.weight.T
+    h = torch.tanh(c)
+    expected = torch.full((5,), -math.log(1000))
+    for t in range(9):
+        inp = torch.cat([gen.embed.weight[tokens[:, t]], z], dim=-1)
+        i, f, g, o = (inp @ w_ih.T + h @ w_hh.T + b).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        logits = h @ gen.out_linear1.weight.T + z @ gen.out_linear2.weight.T
+        expected += torch.distributions.Categorical(logits=logits).log_prob(tokens[:, t + 1])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_synthetic_write_corpus_reads_back(tmp_path):
+    from pyro_lag.data import TextCorpus, Vocabulary
+
+    path = write_corpus(tmp_path / "syn" / "train.txt", n=30, seed=2)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 30
+    assert torch.equal(torch.tensor([[int(t) for t in line.split()] for line in lines]), sample_corpus(30, seed=2))
+    vocab = Vocabulary.from_file(path)
+    corpus = TextCorpus.from_file(path, vocab)
+    assert len(corpus) == 30 and all(corpus.sentence(i) == lines[i].split() for i in range(30))
+
+
+def test_synthetic_pair_is_papers_vae(text_batch):
+    pair = tiny("synthetic")
+    assert pair.latent_dim == 1 and pair.kind == "text"
+    assert pair.encoder.lstm.hidden_size == 50 and pair.decoder.lstm.hidden_size == 50
+
+
+def _direct_posterior_mean(pair, x, grid):
+    """One grid point at a time, in float64: sum_g z_g p(x|z_g) p(z_g) / sum_g p(x|z_g) p(z_g)."""
+    rows = []
+    with pair.evaluating():
+        for g in grid.tolist():
+            z = torch.full((x.shape[0], 1), g)
+            rows.append(pair.log_likelihood(x, z).double() + torch.distributions.Normal(0.0, 1.0).log_prob(torch.tensor(g)).double())
+    log_joint = torch.stack(rows)  # [G, B]
+    w = (log_joint - log_joint.max(0).values).exp()
+    return ((w * grid.double().unsqueeze(-1)).sum(0) / w.sum(0)).float()
+
+
+def test_true_posterior_mean_matches_direct_integration(text_batch):
+    pair = tiny("synthetic")
+    with torch.no_grad():  # make z matter: large weights from z into the decoder
+        pair.decoder.trans_linear.weight.uniform_(-2, 2)
+        pair.decoder.lstm.weight_ih_l0[:, -1].uniform_(-2, 2)
+        pair.decoder.pred_linear.weight.uniform_(-2, 2)
+    grid = torch.arange(-4.0, 4.0, 0.25)
+    got = true_posterior_mean(pair, text_batch, grid, chunk_size=7)
+    assert got.shape == (text_batch.shape[0],)
+    torch.testing.assert_close(got, _direct_posterior_mean(pair, text_batch, grid), rtol=1e-4, atol=1e-4)
+    assert float((got - got[0]).abs().max()) > 0.1  # the toy posterior depends on x
+    default = true_posterior_mean(pair, text_batch)  # the paper's grid [-20, 20) step 0.1
+    assert default.shape == (text_batch.shape[0],) and bool(torch.isfinite(default).all())
+
+
+def test_true_posterior_mean_of_ignored_latent_is_prior_mean(text_batch):
+    """If the decoder ignores z the posterior is the N(0, 1) prior: on the paper's grid its mean is -0.05 (grid offset)."""
+    pair = tiny("synthetic")
+    with torch.no_grad():
+        pair.decoder.trans_linear.weight.zero_()
+        pair.decoder.lstm.weight_ih_l0[:, -1].zero_()
+    got = true_posterior_mean(pair, text_batch)
+    grid = torch.arange(-20, 20, 0.1)
+    prior_w = torch.distributions.Normal(0.0, 1.0).log_prob(grid).softmax(0)
+    torch.testing.assert_close(got, (prior_w * grid).sum().expand_as(got), rtol=0, atol=1e-4)
+
+
+def test_true_posterior_mean_needs_1d_latent(text_batch):
+    with pytest.raises(ValueError, match="1-d latent"):
+        true_posterior_mean(tiny("lstm-text"), text_batch)
