@@ -32,7 +32,7 @@ class _WritesFile:
         self.target = target
 
     def __reduce__(self):
-        return (exec, (f"open({self.target!r}, 'w').write('pwned')",))
+        return (exec, (f"with open({self.target!r}, 'w') as f: f.write('pwned')",))
 
 
 # --------------------------------------------------------------------------- files
