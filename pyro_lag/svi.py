@@ -7,12 +7,15 @@ Once aggressive mode ends (see ``observe_mi``), ``step`` is a plain joint SVI st
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from pyro import poutine
-from pyro.infer import SVI
+from pyro.infer import ELBO, SVI
+from pyro.ops.jit import CompiledFunction
 from pyro.infer.util import torch_item, zero_grads
 from pyro.optim import PyroOptim
 
@@ -87,12 +90,20 @@ class _BatchSource:
 
 @contextlib.contextmanager
 def _frozen(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Turn off gradients of these leaf tensors for the block, so autograd never computes them."""
+    """Turn off gradients of these leaf tensors for the block, so autograd never computes them.
+
+    ``pyro.module`` skips frozen parameters and warns about it; that warning is ours to
+    silence, since freezing them is the point.
+    """
     switched = [t for t in tensors if t.requires_grad]
     for t in switched:
         t.requires_grad_(False)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*not registered in the param store because requires_grad=False"
+            )
+            yield
     finally:
         for t in switched:
             t.requires_grad_(True)
@@ -175,6 +186,10 @@ class AggressiveSVI(SVI):
         self._previous_mi = 0.0
         self._checks_without_best = 0
         self._split: ParamSplit | None = None
+        # Inner and model-only steps freeze different parameters; a JIT loss compiles the set of
+        # parameters it sees, so each kind of step gets its own copy of the ELBO object.
+        self._elbo = loss if isinstance(loss, ELBO) and loss_and_grads is None else None
+        self._step_losses: dict[str, Callable] = {}
 
     # ------------------------------------------------------------------ mode
 
@@ -249,9 +264,23 @@ class AggressiveSVI(SVI):
 
     # ---------------------------------------------------------------- steps
 
-    def _loss_and_grads(self, args: tuple, kwargs: dict) -> tuple[Any, dict[str, torch.Tensor]]:
+    def _loss_for(self, kind: str) -> Callable:
+        """The loss_and_grads function for a kind of step ("joint", "inner", "model")."""
+        if kind == "joint" or self._elbo is None:
+            return self.loss_and_grads
+        if kind not in self._step_losses:
+            elbo = copy.copy(self._elbo)
+            for name, value in list(vars(elbo).items()):
+                if isinstance(value, CompiledFunction):
+                    delattr(elbo, name)
+            self._step_losses[kind] = elbo.loss_and_grads
+        return self._step_losses[kind]
+
+    def _loss_and_grads(
+        self, args: tuple, kwargs: dict, kind: str = "joint"
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         with poutine.trace(param_only=True) as capture:
-            loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
+            loss = self._loss_for(kind)(self.model, self.guide, *args, **kwargs)
         params = {
             name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
         }
@@ -298,7 +327,7 @@ class AggressiveSVI(SVI):
         """One guide-only step: model parameters are frozen, so no gradient is computed for them."""
         split = self._split if self._split is not None else self.split_params(*args, **kwargs)
         with _frozen(split.model.values()):
-            loss, params = self._loss_and_grads(args, kwargs)
+            loss, params = self._loss_and_grads(args, kwargs, "inner")
         if not split.known(params):
             split = self.split_params(*args, **kwargs)
         stepped = [p for n, p in params.items() if split.side_of(n) != "model"]
@@ -322,7 +351,7 @@ class AggressiveSVI(SVI):
         split = self._split
         assert split is not None
         with _frozen(list(split.guide.values()) + list(split.other.values())):
-            loss, params = self._loss_and_grads(args, kwargs)
+            loss, params = self._loss_and_grads(args, kwargs, "model")
         if not split.known(params):
             split = self.split_params(*args, **kwargs)
         stepped = [p for n, p in params.items() if split.side_of(n) == "model"]
