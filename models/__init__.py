@@ -5,6 +5,7 @@
 from .base import LatentPair
 from .lstm_text import LSTMTextVAE
 from .mlp_image import MLPImageVAE
+from .pixelcnn_image import PixelCNNImageVAE
 from .registry import MODELS, ModelEntry, build, list_models, register
 from .synthetic import SyntheticGenerator, sample_corpus, true_posterior_mean, write_corpus
 
@@ -12,6 +13,7 @@ __all__ = [
     "LatentPair",
     "LSTMTextVAE",
     "MLPImageVAE",
+    "PixelCNNImageVAE",
     "MODELS",
     "ModelEntry",
     "build",

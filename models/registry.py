@@ -12,6 +12,7 @@ from typing import Any
 from .base import LatentPair
 from .lstm_text import LSTMTextVAE
 from .mlp_image import MLPImageVAE
+from .pixelcnn_image import PixelCNNImageVAE
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,19 @@ register(ModelEntry(
     presets={
         "small": dict(latent_dim=32, hidden=256),
         "paper": dict(latent_dim=32, hidden=512),
+    },
+))
+
+register(ModelEntry(
+    name="pixelcnn-image",
+    description="VAE with a ResNet encoder and a PixelCNN decoder for 28x28 binary images, as for OMNIGLOT (32-d latent)",
+    kind="image",
+    factory=PixelCNNImageVAE,
+    presets={
+        "small": dict(latent_dim=32, enc_channels=(32, 32, 32), enc_hidden=128, hidden=32,
+                      kernel_sizes=(7, 5, 5, 3), latent_feature_maps=4),
+        "paper": dict(latent_dim=32, enc_channels=(64, 64, 64), enc_hidden=512, hidden=64,
+                      kernel_sizes=(7, 7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3), latent_feature_maps=4),
     },
 ))
 
