@@ -1,0 +1,414 @@
+"""The training loop: methods, determinism, exact resume, lr decay with best reload, NaN handling."""
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from torch import nn
+
+import pyro_lag.training as training
+from pyro_lag import fit
+from pyro_lag.checkpoint import load_checkpoint
+from pyro_lag.training import TrainingDivergedError
+
+
+class Decoder(nn.Module):
+    def __init__(self, latent_dim: int, data_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(max(latent_dim, 1), data_dim)
+        self.log_scale = nn.Parameter(torch.zeros(data_dim))
+
+    def forward(self, z):
+        return dist.Normal(self.linear(z), self.log_scale.exp()).to_event(1)
+
+
+class TinyVAE(nn.Module):
+    """A Gaussian VAE small enough to train in milliseconds (latent_dim 0: no latent at all)."""
+
+    def __init__(self, data_dim: int = 6, latent_dim: int = 2, kind: str = "image") -> None:
+        super().__init__()
+        self.kind = kind
+        self.latent_dim = latent_dim
+        self.decoder = Decoder(latent_dim, data_dim)
+        self.encoder = nn.Linear(data_dim, 2 * latent_dim) if latent_dim else None
+
+    def model(self, x):
+        pyro.module("decoder", self.decoder)
+        with pyro.plate("data", x.shape[0]):
+            if self.latent_dim:
+                z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
+            else:
+                z = x.new_zeros(x.shape[0], 1)
+            pyro.sample("x", self.decoder(z), obs=x)
+
+    def guide(self, x):
+        if not self.latent_dim:
+            return
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+
+def make_data(n_batches: int = 5, batch: int = 8, dim: int = 6, seed: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_batches * batch, 2, generator=g)
+    w = torch.randn(2, dim, generator=g)
+    x = z @ w + 0.3 * torch.randn(n_batches * batch, dim, generator=g)
+    return [(x[i * batch : (i + 1) * batch],) for i in range(n_batches)]
+
+
+TRAIN = make_data()
+VALID = make_data(2, seed=8)
+TEST = make_data(2, seed=9)
+
+
+def build(seed: int = 0, **kwargs) -> TinyVAE:
+    torch.manual_seed(seed)
+    return TinyVAE(**kwargs)
+
+
+def quick_fit(net, **kwargs):
+    options = dict(epochs=2, lr=0.01, max_inner_steps=6, check_every=3, seed=0)
+    options.update(kwargs)
+    return fit(net.model, net.guide, TRAIN, VALID, **options)
+
+
+HISTORY_KEYS = {
+    "epoch", "train_loss", "val_loss", "elbo", "recon", "kl", "mi", "au", "aggressive",
+    "inner_steps", "kl_weight", "lr", "decayed", "wall_time",
+}
+
+
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("aggressive", {}),
+        ("aggressive", {"anneal": True}),
+        ("standard", {}),
+        ("anneal", {"kl_start": 0.2, "warm_up": 1}),
+        ("beta", {"beta": 0.4}),
+        ("cyclical", {"cycles": 2}),
+        ("free-bits", {"free_bits": 0.5}),
+    ],
+)
+def test_every_method_trains_and_records_history(method, extra):
+    net = build()
+    result = quick_fit(net, method=method, **extra)
+    assert len(result.history) == 2
+    for row in result.history:
+        assert set(row) == HISTORY_KEYS
+        for key in ("train_loss", "val_loss", "elbo", "recon", "kl", "mi", "inner_steps", "wall_time"):
+            assert math.isfinite(row[key]), key
+        assert row["val_loss"] == pytest.approx(-row["elbo"])
+        assert 0 <= row["au"] <= 2
+    aggressive = method == "aggressive"
+    assert result.history[0]["aggressive"] is aggressive
+    assert (result.history[0]["inner_steps"] >= 3) is aggressive  # at least one stop-rule window
+    # anneal reaches 1 after its 1 warm-up epoch; "+ anneal" uses the defaults kl_start 0.1 over
+    # 10 epochs of 5 steps: 0.1 + 10 * 0.9 / 50 after 10 steps; cyclical ends a ramp at 1
+    weights = {"anneal": 1.0, "beta": 0.4, "cyclical": 1.0}
+    expected = 0.28 if extra.get("anneal") else weights.get(method, 1.0)
+    assert result.history[-1]["kl_weight"] == pytest.approx(expected)
+    assert not result.decoder_only and result.best_epoch in (1, 2)
+
+
+def test_annealed_kl_weight_follows_the_schedule_per_step():
+    net = build()
+    seen = []
+
+    class Progress:
+        def on_batch_end(self, info):
+            seen.append((info["epoch"], info["step"], info["kl_weight"]))
+
+    quick_fit(net, method="anneal", kl_start=0.1, warm_up=1, callbacks=[Progress()])
+    # 5 steps per epoch: the weight grows by 0.9 / 5 = 0.18 before each step, capped at 1
+    assert [w for _, _, w in seen[:5]] == pytest.approx([0.28, 0.46, 0.64, 0.82, 1.0])
+    assert [(e, s) for e, s, _ in seen[:6]] == [(1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (2, 1)]
+
+
+def test_same_seed_gives_the_same_history_and_parameters():
+    runs = []
+    for _ in range(2):
+        pyro.clear_param_store()
+        net = build(seed=3)
+        result = quick_fit(net, method="aggressive", epochs=2)
+        history = [{k: v for k, v in row.items() if k != "wall_time"} for row in result.history]
+        params = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+        runs.append((history, params))
+    assert runs[0][0] == runs[1][0]
+    for name in runs[0][1]:
+        assert torch.equal(runs[0][1][name], runs[1][1][name])
+    other = quick_fit(build(seed=3), method="aggressive", epochs=2, seed=1)
+    assert [r["train_loss"] for r in other.history] != [r["train_loss"] for r in runs[0][0]]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _stop_at(epoch: int, step: int):
+    class Stopper:
+        def on_batch_end(self, info):
+            if (info["epoch"], info["step"]) == (epoch, step):
+                raise _Interrupt
+
+    return Stopper()
+
+
+def _final_state(run_dir):
+    state = load_checkpoint(run_dir / "last.pt")
+    return state["params"]["params"], state["meta"]["pos"]["history"]
+
+
+RESUME_SETTINGS = {
+    # leaves aggressive mode after epoch 2
+    "aggressive": dict(method="aggressive", optim="adam", max_aggressive_epochs=2),
+    "annealed": dict(method="anneal", optim="sgd", kl_start=0.1, warm_up=2),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(RESUME_SETTINGS))
+@pytest.mark.parametrize("stop", [(2, 4), (3, 1), (1, 5)], ids=["mid-epoch", "after-epoch", "end-of-first-epoch"])
+def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, stop, setting):
+    options = dict(epochs=3, checkpoint_every=2, **RESUME_SETTINGS[setting])
+    quick_fit(build(seed=5), run_dir=tmp_path / "full", **options)
+    expected_params, expected_history = _final_state(tmp_path / "full")
+    if setting == "aggressive":  # both regimes are crossed
+        assert [r["aggressive"] for r in expected_history] == [True, True, False]
+
+    with pytest.raises(_Interrupt):
+        quick_fit(build(seed=5), run_dir=tmp_path / "cut", callbacks=[_stop_at(*stop)], **options)
+    pyro.clear_param_store()
+    torch.manual_seed(999)  # a fresh process: other initial weights, other RNG state
+    result = quick_fit(build(seed=11), run_dir=tmp_path / "cut", resume=True, **options)
+    got_params, got_history = _final_state(tmp_path / "cut")
+    assert got_params.keys() == expected_params.keys()
+    for name in expected_params:
+        assert torch.equal(got_params[name], expected_params[name]), name
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]  # noqa: E731
+    assert strip(got_history) == strip(expected_history)
+    assert len(result.history) == 3
+
+
+def test_resume_of_a_finished_run_only_tests(tmp_path):
+    quick_fit(build(), run_dir=tmp_path, epochs=1)
+    before = load_checkpoint(tmp_path / "last.pt")["params"]["params"]
+    seen = []
+    result = quick_fit(build(seed=4), run_dir=tmp_path, epochs=1, resume=True, callbacks=[seen.append])
+    assert seen == [] and len(result.history) == 1
+    after = load_checkpoint(tmp_path / "last.pt")["params"]["params"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _pair(net):
+    return net.model, net.guide
+
+
+def test_existing_run_directory_needs_resume_and_same_settings(tmp_path):
+    quick_fit(build(), run_dir=tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="already holds a training checkpoint; pass resume=True"):
+        quick_fit(build(), run_dir=tmp_path, epochs=1)
+    with pytest.raises(ValueError, match=r"was trained with method='aggressive', not 'standard'"):
+        quick_fit(build(), run_dir=tmp_path, epochs=2, resume=True, method="standard")
+
+
+def _scripted_evaluate(losses):
+    calls = iter(losses)
+
+    def evaluate(model, guide, batches, **kwargs):
+        loss = next(calls)
+        return {"elbo": -loss, "recon": -loss, "kl": 0.0, "mi": 0.0, "au": 0, "au_var": torch.zeros(2)}
+
+    return evaluate
+
+
+def test_lr_decay_reloads_the_best_parameters(tmp_path, monkeypatch):
+    # validation losses per epoch; the plateau rule of the reference decays at epochs 4 and 8
+    losses = [10.0, 9.0, 9.5, 9.7, 9.8, 9.6, 9.65, 9.7, 9.0, 9.0]
+    monkeypatch.setattr(training, "evaluate", _scripted_evaluate(losses))
+    snapshots = {}
+
+    def snapshot(row):
+        snapshots[row["epoch"]] = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+    net = build()
+    result = fit(
+        net.model, net.guide, TRAIN, VALID, method="standard", kind="text", lr=0.01, epochs=10,
+        decay_patience=2, decay_after=2, max_decays=2, run_dir=tmp_path, callbacks=[snapshot], seed=0,
+    )
+    assert [r["decayed"] for r in result.history] == [False, False, False, True, False, False, False, True]
+    assert [r["lr"] for r in result.history] == [0.01] * 4 + [0.005] * 4
+    assert result.stopped == "learning rate decayed 2 times"
+    assert result.best_epoch == 2 and result.best_val_loss == 9.0
+    assert load_checkpoint(tmp_path / "best.pt")["meta"]["epoch"] == 2
+    for decay_epoch in (4, 8):  # right after a decay the parameters are the best epoch's
+        for name, value in snapshots[2].items():
+            assert torch.equal(snapshots[decay_epoch][name], value), (decay_epoch, name)
+    assert not torch.equal(snapshots[3]["decoder$$$linear.weight"], snapshots[2]["decoder$$$linear.weight"])
+    assert load_checkpoint(tmp_path / "last.pt")["meta"]["pos"]["lr"] == 0.0025  # the next epoch's rate
+    # the fresh SGD optimizers built at the decay step with the halved rate
+    monkeypatch.setattr(training, "evaluate", _scripted_evaluate(losses))
+    fit(*_pair(build()), TRAIN, VALID, method="standard", kind="text", lr=0.01, epochs=5,
+        decay_patience=2, decay_after=2, run_dir=tmp_path / "five", seed=0)
+    optim_state = load_checkpoint(tmp_path / "five" / "last.pt")["optim"]
+    for side in ("model", "guide"):
+        assert {g["lr"] for s in optim_state[side].values() for g in s["param_groups"]} == {0.005}
+
+
+def test_text_defaults_follow_the_reference():
+    net = build(kind="text")
+    result = fit(net.model, net.guide, TRAIN, VALID, epochs=1, lr=0.01, seed=0)
+    assert result.config["optim"] == "sgd" and result.config["stop_rule"] == "drop"
+    assert result.config["decay_patience"] == 2 and result.config["decay_after"] == 15
+    image = fit(*_pair(build()), TRAIN, VALID, epochs=1, seed=0)
+    assert image.config["optim"] == "adam" and image.config["lr"] == 1e-3
+    assert image.config["stop_rule"] == "patience" and image.config["decay_patience"] == 20
+
+
+class _PoisonedSource:
+    """A batch source whose batch ``step`` of ``epoch`` has one entry set to ``value``."""
+
+    def __init__(self, epoch: int, step: int, value: float) -> None:
+        self.bad = (epoch, step)
+        self.value = value
+
+    def __len__(self):
+        return len(TRAIN)
+
+    def iter_from(self, epoch, position=0):
+        for i in range(position, len(TRAIN)):
+            (x,) = TRAIN[i]
+            if (epoch, i) == self.bad:
+                x = x.clone()
+                x[0, 0] = self.value
+            yield (x,)
+
+
+class BoundedEncoder(TinyVAE):
+    """Its guide reads tanh(x), so a huge observation reaches only the model."""
+
+    def guide(self, x):
+        super().guide(x.tanh())
+
+
+def test_infinite_loss_stops_with_epoch_step_and_site_and_keeps_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    net = BoundedEncoder()
+    # a finite but huge observation: its Gaussian log-density overflows to -inf
+    with pytest.raises(TrainingDivergedError) as info:
+        fit(net.model, net.guide, _PoisonedSource(1, 2, 1e30), VALID, epochs=3, lr=0.01, run_dir=tmp_path,
+            method="standard", seed=0)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "non-finite loss (inf) at epoch 2, step 3 of 5: site 'x' in the model has a non-finite log-density"
+    )
+    assert message.endswith(f"last good checkpoint kept at {tmp_path / 'last.pt'}")
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["meta"]["pos"]["epoch"] == 1  # written after epoch 1, never after the fault
+    assert all(torch.isfinite(v).all() for v in state["params"]["params"].values())
+
+
+def test_nan_in_the_data_is_reported_as_bad_input():
+    net = build()
+    with pytest.raises(ValueError, match=r"^training batch 2 of epoch 1 holds NaN or infinite values in argument 0$"):
+        fit(net.model, net.guide, _PoisonedSource(0, 1, float("nan")), VALID, epochs=1, lr=0.01, seed=0,
+            method="standard")
+
+
+def test_nan_inside_the_guide_names_the_program_and_the_distribution():
+    calls = {"n": 0}
+
+    class Faulty(TinyVAE):
+        def guide(self, x):
+            calls["n"] += 1
+            pyro.module("encoder", self.encoder)
+            with pyro.plate("data", x.shape[0]):
+                loc, log_scale = self.encoder(x).chunk(2, -1)
+                if calls["n"] >= 4:  # the encoder "blows up" on the 4th guide run
+                    loc = loc * float("nan")
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    torch.manual_seed(0)
+    net = Faulty()
+    # guide runs: 1 latent check, 1 split probe, then 1 per standard step: the 2nd step fails
+    with pytest.raises(TrainingDivergedError) as info:
+        fit(net.model, net.guide, TRAIN, VALID, method="standard", epochs=1, lr=0.01, seed=0)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("invalid (NaN or out-of-support) values at epoch 1, step 2 of 5, in the guide")
+    assert "Expected parameter loc" in message
+
+
+def test_nan_gradient_with_finite_loss_names_the_parameter():
+    class SqrtAtZero(TinyVAE):
+        def model(self, x):
+            w = pyro.param("w", torch.tensor(0.0))
+            pyro.module("decoder", self)
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+                loc = self.decoder.linear(z) + 0.0 * w.abs().sqrt()  # finite value, NaN gradient at w = 0
+                pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x)
+
+    torch.manual_seed(0)
+    net = SqrtAtZero()
+    with pytest.raises(TrainingDivergedError, match=r"^non-finite gradient at epoch 1, step 1 of 5: parameter 'w'"):
+        fit(net.model, net.guide, TRAIN, VALID, method="standard", epochs=1, lr=0.01, clip_norm=None, seed=0)
+
+
+def test_decoder_only_pair_trains_and_reports_its_exact_likelihood():
+    net = build(latent_dim=0)
+    result = fit(net.model, net.guide, TRAIN, VALID, TEST, epochs=2, lr=0.05, seed=0, iw_samples=10)
+    assert result.decoder_only
+    assert all(r["mi"] is None and r["au"] is None and r["kl"] == 0.0 for r in result.history)
+    assert result.history[-1]["aggressive"] is False
+    # the test metrics are those of the best parameters, and IW-NLL is the exact NLL
+    x = torch.cat([b[0] for b in TEST])
+    with torch.no_grad():
+        exact = net.decoder(x.new_zeros(len(x), 1)).log_prob(x)
+    assert result.test["iw_nll"] == pytest.approx(-float(exact.mean()), rel=1e-5)
+    assert result.test["elbo"] == pytest.approx(float(exact.mean()), rel=1e-5)
+
+
+def test_final_test_pass_uses_the_best_parameters_and_iw_samples():
+    net = build()
+    result = fit(net.model, net.guide, TRAIN, VALID, TEST, epochs=2, lr=0.01, seed=0, iw_samples=20,
+                 max_inner_steps=3, check_every=3)
+    assert {"elbo", "kl", "mi", "au", "iw_nll"} <= set(result.test)
+    # IW-NLL is at most the negative ELBO up to Monte Carlo noise
+    assert result.test["iw_nll"] <= -result.test["elbo"] + 0.5
+    assert isinstance(result.test["au_var"], list)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "vampire"}, "method must be one of"),
+        ({"method": "beta"}, "method 'beta' needs the KL weight beta"),
+        ({"method": "free-bits"}, "needs free_bits"),
+        ({"epochs": 0}, "epochs must be an integer >= 1"),
+        ({"method": "beta", "beta": 0.5, "anneal": True}, "anneal=True combines with"),
+        ({"resume": True}, "resume=True needs run_dir"),
+        ({"optim": "rmsprop"}, "optim must be"),
+        ({"lr_decay": 2.0}, "lr_decay must lie in"),
+        ({"kind": "audio"}, "kind must be"),
+    ],
+)
+def test_bad_arguments_raise_one_clear_line(kwargs, match):
+    net = build()
+    with pytest.raises(ValueError, match=match) as info:
+        fit(net.model, net.guide, TRAIN, VALID, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_guide_with_only_global_latents_is_refused():
+    def guide(x):
+        pyro.sample("g", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    net = build()
+    with pytest.raises(ValueError, match="no local latent site"):
+        fit(net.model, guide, TRAIN, VALID, epochs=1)
