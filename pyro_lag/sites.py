@@ -14,6 +14,7 @@ import torch
 import pyro.distributions as dist
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
+from pyro.poutine.util import site_is_subsample
 
 Batch = Any
 """A batch: a tuple of positional args, a bare tensor (one-argument call), or an (args, kwargs) pair."""
@@ -63,8 +64,8 @@ def is_delta(fn: Any) -> bool:
 
 
 def is_latent(site: dict) -> bool:
-    """A non-observed sample site."""
-    return site["type"] == "sample" and not site["is_observed"]
+    """A non-observed sample site that is a random variable (not a plate's subsample indices)."""
+    return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
 def site_frame(site: dict, plate: str) -> Any | None:
@@ -87,7 +88,8 @@ def find_data_plate(trace: Trace, data_plate: str | None = None) -> str:
     for site in trace.nodes.values():
         if not is_latent(site) or is_delta(site["fn"]):
             continue
-        for rank, frame in enumerate(reversed(site["cond_indep_stack"])):
+        # cond_indep_stack lists the outermost plate first.
+        for rank, frame in enumerate(site["cond_indep_stack"]):
             if not frame.vectorized:
                 continue
             counts[frame.name] += 1
