@@ -74,12 +74,32 @@ class PixelCNNDecoder(nn.Module):
         self.first = MaskedConv2d("A", 1, 1 + self.feature_maps, hidden, kernel_sizes[0])
         self.blocks = nn.Sequential(*(PixelCNNBlock(hidden, k) for k in kernel_sizes[1:]))
         self.head = nn.Sequential(nn.Conv2d(hidden, hidden, 1), nn.ELU(), nn.Conv2d(hidden, 1, 1))
+        # How far (in pixels) one output looks: up/left/right through every layer, down only
+        # through the unmasked latent maps of the first layer.
+        self.reach = sum(k // 2 for k in kernel_sizes)
+        self.reach_down = kernel_sizes[0] // 2
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
-        if z is not None:
-            maps = self.z_transform(z).reshape(z.shape[0], self.feature_maps, SIDE, SIDE)
+    def latent_maps(self, z: torch.Tensor | None) -> torch.Tensor | None:
+        """The latent feature maps ``[N, F, 28, 28]`` that condition every pixel (None without z)."""
+        if z is None:
+            return None
+        return self.z_transform(z).reshape(z.shape[0], self.feature_maps, SIDE, SIDE)
+
+    def from_maps(self, x: torch.Tensor, maps: torch.Tensor | None) -> torch.Tensor:
+        """Logits for images ``x`` given precomputed latent maps (same height and width as x)."""
+        if maps is not None:
             x = torch.cat([x, maps], dim=1)
         return self.head(self.blocks(F.elu(self.first(x))))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
+        return self.from_maps(x, self.latent_maps(z))
+
+    def pixel_logits(self, x: torch.Tensor, maps: torch.Tensor | None, i: int, j: int) -> torch.Tensor:
+        """Logit ``[N]`` of pixel (i, j), computed on the smallest window that determines it (for sampling)."""
+        r0, r1 = max(0, i - self.reach), min(SIDE, i + self.reach_down + 1)
+        c0, c1 = max(0, j - self.reach), min(SIDE, j + self.reach + 1)
+        window = None if maps is None else maps[:, :, r0:r1, c0:c1]
+        return self.from_maps(x[:, :, r0:r1, c0:c1], window)[:, 0, i - r0, j - c0]
 
 
 class ResNetBlock(nn.Module):
@@ -171,12 +191,13 @@ class PixelCNNImageVAE(LatentPair):
         count = z.shape[0] if z is not None else n
         device = self.device
         with self.evaluating():
+            maps = self.decoder.latent_maps(z)
             img = torch.zeros(count, *IMAGE_SHAPE, device=device)
             for i in range(SIDE):
                 for j in range(SIDE):
-                    probs = self.decoder(img, z)[:, 0, i, j].sigmoid()
+                    probs = self.decoder.pixel_logits(img, maps, i, j).sigmoid()
                     img[:, 0, i, j] = (rand((count,), generator, device) < probs).float()
-            return self.decoder(img, z).sigmoid()
+            return self.decoder.from_maps(img, maps).sigmoid()
 
     def sample_prior(self, n: int, generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
         """Mean images ``[n, 1, 28, 28]`` (see :meth:`decode`) for z ~ N(0, I)."""

@@ -274,18 +274,31 @@ def test_mlp_image_log_density_by_hand(image_batch):
 
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if MODELS[n].kind == "image"])
-def test_image_prior_samples_and_reconstructions(name, image_batch):
+def test_image_prior_samples(name):
     pair = tiny(name)
     imgs = pair.sample_prior(2, torch.Generator().manual_seed(0))
     assert imgs.shape == (2, 1, 28, 28)
     assert bool(((imgs >= 0) & (imgs <= 1)).all())
-    rec = pair.reconstruct(image_batch[:2])
-    assert rec.shape == (2, 1, 28, 28)
-    assert bool(((rec >= 0) & (rec <= 1)).all())
-    if name == "mlp-image":  # PixelCNN sampling is 785 decoder passes: do it only twice
+    assert pair.training  # sampling restores the training mode
+    if name == "mlp-image":  # PixelCNN sampling is 785 decoder passes: once in the default run
         torch.testing.assert_close(pair.sample_prior(2, torch.Generator().manual_seed(0)), imgs)
         lm_imgs = pair.decoder_only().sample_prior(2, torch.Generator().manual_seed(0))
         assert lm_imgs.shape == (2, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "pixelcnn-image" else n
+             for n in FAMILIES if MODELS[n].kind == "image"],
+)
+def test_image_reconstruct(name, image_batch):
+    pair = tiny(name)
+    rec = pair.reconstruct(image_batch[:2], torch.Generator().manual_seed(0))
+    assert rec.shape == (2, 1, 28, 28)
+    assert bool(((rec >= 0) & (rec <= 1)).all())
+    if name == "mlp-image":
+        with torch.no_grad():
+            z = pair.encode(image_batch[:2])[0]
+            torch.testing.assert_close(rec, pair.decoder(z).sigmoid().reshape(2, 1, 28, 28))
 
 
 def test_image_shape_is_checked():
@@ -510,3 +523,17 @@ def test_pixelcnn_paper_preset_sizes():
     assert pair.latent_dim == 32 and len(pair.decoder.blocks) == 12
     assert pair.decoder.first.kernel_size == (7, 7) and pair.decoder.feature_maps == 4
     assert pair.encoder.linear.in_features == 512
+
+
+@pytest.mark.parametrize("preset_kernels", [(5, 3), (7, 5, 5, 3)])
+def test_pixelcnn_window_logits_equal_full_pass(preset_kernels, image_batch):
+    """Sampling computes each pixel on a cropped window; it must equal the full-image logit exactly."""
+    pair = build("pixelcnn-image", latent_dim=3, enc_channels=(4,), enc_hidden=4, hidden=6,
+                 kernel_sizes=preset_kernels, latent_feature_maps=2).eval()
+    z = torch.randn(image_batch.shape[0], 3)
+    with torch.no_grad():
+        maps = pair.decoder.latent_maps(z)
+        full = pair.decoder(image_batch, z)[:, 0]
+        for i, j in [(0, 0), (0, 27), (5, 13), (14, 2), (27, 27), (20, 25)]:
+            torch.testing.assert_close(pair.decoder.pixel_logits(image_batch, maps, i, j), full[:, i, j],
+                                       rtol=1e-5, atol=1e-5)
