@@ -7,7 +7,6 @@ import numpy as np
 import pyro
 import pytest
 import torch
-import torch.nn.functional as F
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
