@@ -212,6 +212,7 @@ class ParamSplit:
     guide: dict[str, torch.Tensor] = field(default_factory=dict)
     model: dict[str, torch.Tensor] = field(default_factory=dict)
     other: dict[str, torch.Tensor] = field(default_factory=dict)
+    has_local_latent: bool = True  # whether the guide samples a latent inside a data plate
 
     def side_of(self, name: str) -> str | None:
         for side in ("guide", "model", "other"):
@@ -279,7 +280,11 @@ def probe_param_split(
     phi = _connected(guide_out, params)
     theta = _connected(model_trace.log_prob_sum(), params)
 
-    split = ParamSplit()
+    try:
+        find_data_plate(guide_trace)
+        split = ParamSplit(has_local_latent=True)
+    except NoLocalLatentError:
+        split = ParamSplit(has_local_latent=False)
     for name, tensor in params.items():
         if _matches(name, tensor, model_params):
             split.model[name] = tensor

@@ -130,7 +130,9 @@ class AggressiveSVI(SVI):
         default: examples, the leading size of the first tensor argument.
     :param guide_params, model_params: override the gradient-probed split by parameter name
         (glob patterns allowed) or module.
-    :param aggressive: start in aggressive mode (default True).
+    :param aggressive: start in aggressive mode (default True). A guide with no local latent
+        (no latent sample site inside a vectorized plate) has no inference network to lag,
+        so its first step turns aggressive mode off and it trains as plain SVI.
     """
 
     def __init__(
@@ -304,6 +306,11 @@ class AggressiveSVI(SVI):
             return self._joint_step(args, kwargs)
         if self._split is None:
             self.split_params(*args, **kwargs)
+            if not self._split.has_local_latent:
+                # Nothing amortized to lag behind: a guide of global latents trains as plain SVI.
+                self.stop_aggressive()
+                self.last_inner_steps = 0
+                return self._joint_step(args, kwargs)
         self.last_inner_steps = self._inner_loop(args, kwargs)
         return self._model_step(args, kwargs)
 

@@ -423,3 +423,21 @@ def test_drop_in_reaches_the_same_optimum_as_svi():
     assert plain["a"] == pytest.approx(0.8, abs=0.05)
     for name in plain:
         assert aggressive[name] == pytest.approx(plain[name], abs=0.08), name
+
+
+def test_guide_without_local_latent_trains_as_plain_svi():
+    """Global latents only: nothing amortized can lag, so the first step leaves aggressive mode."""
+    x = data(16)
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(pyro.param("mu_loc", torch.zeros(D)), 0.1).to_event(1))
+
+    svi = AggressiveSVI(model, guide, Adam({"lr": 1e-2}), Trace_ELBO())
+    svi.step(x)
+    assert svi.aggressive is False and svi.last_inner_steps == 0
+    assert svi.param_split.has_local_latent is False
