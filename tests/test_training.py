@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
@@ -13,6 +18,15 @@ import pyro_lag.training as training
 from pyro_lag import fit
 from pyro_lag.checkpoint import load_checkpoint
 from pyro_lag.training import TrainingDivergedError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on shared CPUs extra threads spin and make small models 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class Decoder(nn.Module):
@@ -412,3 +426,206 @@ def test_guide_with_only_global_latents_is_refused():
     net = build()
     with pytest.raises(ValueError, match="no local latent site"):
         fit(net.model, guide, TRAIN, VALID, epochs=1)
+
+
+# --------------------------------------------------------------------------- real data, end to end
+
+
+def _text_slice(path, vocab, lengths, count):
+    from pyro_lag.data import TextCorpus
+
+    corpus = TextCorpus.from_file(path, vocab)
+    keep = [i for i, n in enumerate(corpus.lengths) if n in lengths][:count]
+    return corpus.subset(keep)
+
+
+def _check_run(result, epochs):
+    assert len(result.history) == epochs
+    for row in result.history:
+        for key in ("train_loss", "val_loss", "kl", "mi", "inner_steps"):
+            assert math.isfinite(row[key]), key
+    assert result.test is not None and math.isfinite(result.test["iw_nll"])
+    # an importance-weighted bound is at least as tight as the ELBO (up to Monte Carlo noise)
+    assert result.test["iw_nll"] <= -result.test["elbo"] + 1.0
+
+
+def test_fit_end_to_end_on_a_slice_of_ptb(shared_data):
+    from pyro_lag.data import TextBatches, Vocabulary
+    from pyro_lag.models.registry import build as build_model
+
+    ptb = shared_data / "ptb"
+    vocab = Vocabulary.from_file(ptb / "ptb.train.txt")
+    train = TextBatches(_text_slice(ptb / "ptb.train.txt", vocab, {10, 11}, 64), 16, seed=1)
+    valid = TextBatches(_text_slice(ptb / "ptb.valid.txt", vocab, {10, 11}, 32), 16, shuffle=False)
+    test = TextBatches(_text_slice(ptb / "ptb.test.txt", vocab, {10, 11}, 32), 16, shuffle=False)
+    torch.manual_seed(0)
+    pair = build_model("lstm-text", "small", vocab_size=len(vocab), ni=16, enc_nh=32, dec_nh=32, latent_dim=4)
+    result = fit(pair.model, pair.guide, train, valid, test, epochs=2, seed=0, max_inner_steps=6,
+                 check_every=3, iw_samples=5)
+    _check_run(result, 2)
+    assert result.config["optim"] == "sgd" and result.history[0]["aggressive"]
+    assert result.history[0]["inner_steps"] >= 3
+
+    torch.manual_seed(0)
+    lm = pair.decoder_only()
+    baseline = fit(lm.model, lm.guide, train, valid, test, epochs=1, seed=0, iw_samples=5)
+    assert baseline.decoder_only and baseline.history[0]["mi"] is None
+    assert baseline.test["iw_nll"] == baseline.test["elbo"] * -1
+
+
+def test_fit_end_to_end_on_a_slice_of_omniglot(shared_data):
+    from pyro_lag.data import ImageBatches, load_images
+    from pyro_lag.models.registry import build as build_model
+
+    npz = shared_data / "omniglot28" / "omniglot28.npz"
+    train_images, test_images = load_images(npz, "train"), load_images(npz, "test")
+    train = ImageBatches(train_images[:48], 16, seed=2)
+    valid = ImageBatches(train_images[-32:], 16, binarize="fixed", shuffle=False)
+    test = ImageBatches(test_images[:32], 16, binarize="fixed", shuffle=False)
+    torch.manual_seed(0)
+    pair = build_model("pixelcnn-image", "small", enc_channels=(8, 8, 8), enc_hidden=32, hidden=8,
+                       kernel_sizes=(5, 3), latent_dim=4)
+    result = fit(pair.model, pair.guide, train, valid, test, epochs=1, seed=0, max_inner_steps=4,
+                 check_every=2, iw_samples=4)
+    _check_run(result, 1)
+    assert result.config["optim"] == "adam" and result.config["stop_rule"] == "patience"
+
+
+def test_fit_end_to_end_on_the_synthetic_corpus_with_exact_resume(shared_data, tmp_path):
+    from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, read_sentences
+    from pyro_lag.models.registry import build as build_model
+
+    path = shared_data / "synthetic-he2019" / "synthetic_data.txt"
+    sentences = [s for _, s in zip(range(160), read_sentences(path))]
+    vocab = Vocabulary.from_sentences(sentences)
+    train = lambda: TextBatches(TextCorpus.from_sentences(sentences[:96], vocab), 16, seed=3)  # noqa: E731
+    valid = TextBatches(TextCorpus.from_sentences(sentences[96:128], vocab), 16, shuffle=False)
+    test = TextBatches(TextCorpus.from_sentences(sentences[128:], vocab), 16, shuffle=False)
+    options = dict(epochs=2, seed=0, max_inner_steps=6, check_every=3, checkpoint_every=2, iw_samples=5)
+
+    def pair():
+        torch.manual_seed(0)
+        return build_model("synthetic", "small", vocab_size=len(vocab), ni=8, enc_nh=16, dec_nh=16)
+
+    net = pair()
+    result = fit(net.model, net.guide, train(), valid, test, run_dir=tmp_path / "full", **options)
+    _check_run(result, 2)
+    # interrupted in epoch 2 (its shuffled order and the inner loop's own batch generator
+    # must both come back), then resumed with fresh objects
+    net = pair()
+    with pytest.raises(_Interrupt):
+        fit(net.model, net.guide, train(), valid, test, run_dir=tmp_path / "cut",
+            callbacks=[_stop_at(2, 5)], **options)
+    pyro.clear_param_store()
+    net = pair()
+    resumed = fit(net.model, net.guide, train(), valid, test, run_dir=tmp_path / "cut", resume=True, **options)
+    expected, _ = _final_state(tmp_path / "full")
+    got, _ = _final_state(tmp_path / "cut")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert resumed.test["elbo"] == result.test["elbo"]
+
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+_CHILD = r'''
+"""Train the tiny VAE into a run directory; optionally stop dead at a chosen point and wait to be killed."""
+import io, os, sys, time
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+import pyro_lag.checkpoint as checkpoint
+import pyro_lag.svi as svi
+from test_training import TRAIN, VALID, build, quick_fit
+
+run_dir, mode = sys.argv[2], sys.argv[3]
+
+
+def freeze():
+    print("READY", flush=True)
+    time.sleep(300)
+
+
+callbacks = []
+if mode == "mid-epoch":  # between two steps, two steps after the last checkpoint
+    class Freeze:
+        def on_batch_end(self, info):
+            if (info["epoch"], info["step"]) == (1, 4):
+                freeze()
+    callbacks.append(Freeze())
+elif mode == "mid-inner-loop":  # inside a guide-only step of the aggressive inner loop
+    inner_step = svi.AggressiveSVI.inner_step
+    calls = {"n": 0}
+    def frozen_inner_step(self, *args, **kwargs):
+        loss = inner_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 14:
+            freeze()
+        return loss
+    svi.AggressiveSVI.inner_step = frozen_inner_step
+elif mode == "mid-write":  # half of a checkpoint's bytes are on disk in the temporary file
+    real_save = torch.save
+    def half_save(obj, handle):  # the first write of last.pt in this process is cut in half
+        if "optim" not in obj:  # best.pt holds parameters only
+            return real_save(obj, handle)
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+        freeze()
+    checkpoint.torch.save = half_save
+
+quick_fit(build(seed=5), run_dir=run_dir, resume=(mode != "full"), callbacks=callbacks, epochs=3,
+          method="aggressive", optim="adam", checkpoint_every=2, max_aggressive_epochs=2)
+print("DONE", flush=True)
+'''
+
+
+def _run_child(script, run_dir, mode, kill: bool):
+    tests_dir = str(Path(__file__).resolve().parent)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), tests_dir, str(run_dir), mode],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        if kill:
+            line = proc.stdout.readline()
+            assert line.strip() == "READY", (line, proc.stderr.read() if proc.poll() is not None else "")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+            assert proc.returncode == -signal.SIGKILL
+        else:
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0 and "DONE" in out, err[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_kill_9_at_several_points_then_resume_is_bitwise_exact(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    _run_child(script, tmp_path / "full", "full", kill=False)
+
+    cut = tmp_path / "cut"
+    _run_child(script, cut, "mid-epoch", kill=True)
+    assert load_checkpoint(cut / "last.pt")["meta"]["pos"]["step"] == 2
+    _run_child(script, cut, "mid-inner-loop", kill=True)
+    before_write = (cut / "last.pt").read_bytes()
+    _run_child(script, cut, "mid-write", kill=True)
+    # the killed write left a partial temporary file; the last checkpoint is untouched and whole
+    partial = list(cut.glob(".last.pt.*.tmp"))
+    assert len(partial) == 1 and 0 < partial[0].stat().st_size < len(before_write) * 0.6
+    assert (cut / "last.pt").read_bytes() == before_write
+    _run_child(script, cut, "resume", kill=False)
+
+    expected, expected_history = _final_state(tmp_path / "full")
+    got, got_history = _final_state(cut)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert [r["val_loss"] for r in got_history] == [r["val_loss"] for r in expected_history]
+    assert not list(cut.glob(".*.tmp"))  # the next write cleaned the stale file
