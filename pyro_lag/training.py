@@ -32,7 +32,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .diagnostics import eval_mode, evaluate
-from .handlers import FreeBits, KLSchedule, KLWeight, beta as beta_schedule, cyclical, linear_annealing
+from .handlers import FreeBits, KLWeight, beta as beta_schedule, cyclical, linear_annealing
 from .sites import find_data_plate, is_latent, normalize_batch, raw_log_prob
 from .svi import AggressiveSVI
 
@@ -45,8 +45,9 @@ BEST_CHECKPOINT = "best.pt"
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = (
     "method", "anneal", "optim", "lr", "seed", "kl_start", "warm_up", "beta", "cycles", "cycle_ratio",
-    "free_bits", "stop_rule", "patience", "clip_norm", "max_inner_steps", "check_every", "max_aggressive_epochs", "lr_decay",
-    "decay_patience", "decay_after", "max_decays", "steps_per_epoch", "decoder_only",
+    "free_bits", "stop_rule", "patience", "clip_norm", "max_inner_steps", "check_every",
+    "max_aggressive_epochs", "lr_decay", "decay_patience", "decay_after", "max_decays", "steps_per_epoch",
+    "decoder_only",
 )
 
 
@@ -214,14 +215,6 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _make_optim(optim: Union[str, Callable[[float], Any]], lr: float) -> Any:
-    if callable(optim):
-        return optim(lr)
-    if optim == "sgd":
-        return pyro.optim.SGD({"lr": lr})
-    return pyro.optim.Adam({"lr": lr})
-
-
 def _call_epoch_callbacks(callbacks: Sequence[Any], row: Dict[str, Any]) -> None:
     for cb in callbacks:
         if hasattr(cb, "on_epoch_end"):
@@ -246,6 +239,385 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool =
         kind = "an integer" if integer else "a number"
         relation = ">" if strict else ">="
         raise ValueError(f"{name} must be {kind} {relation} {minimum}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _resolve_settings(options: Dict[str, Any], kind: Optional[str], steps_per_epoch: int) -> Dict[str, Any]:
+    """Check ``fit``'s options (one-line ValueErrors) and fill in the per-kind reference defaults."""
+    o = dict(options)
+    method = o["method"]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    _check_number("epochs", o["epochs"], minimum=1, integer=True)
+    if o["anneal"] and method not in ("aggressive", "anneal", "standard"):
+        raise ValueError(f"anneal=True combines with method aggressive or standard, not {method!r}")
+    if method == "beta":
+        if o["beta"] is None:
+            raise ValueError("method 'beta' needs the KL weight beta")
+        _check_number("beta", o["beta"])
+    if method == "free-bits":
+        if o["free_bits"] is None:
+            raise ValueError("method 'free-bits' needs free_bits (nats per latent dimension)")
+        _check_number("free_bits", o["free_bits"])
+    for name in ("iw_samples", "max_decays"):
+        _check_number(name, o[name], integer=True)
+    for name in ("max_aggressive_epochs", "checkpoint_every"):
+        if o[name] is not None:
+            _check_number(name, o[name], minimum=1, integer=True)
+    if o["clip_norm"] is not None:
+        _check_number("clip_norm", o["clip_norm"], strict=True)
+    if o["lr_decay"] is not None and not 0.0 < o["lr_decay"] < 1.0:
+        raise ValueError(f"lr_decay must lie in (0, 1) or be None, got {o['lr_decay']!r}")
+    if kind not in (None, "text", "image"):
+        raise ValueError(f"kind must be 'text' or 'image', got {kind!r}")
+    text = kind == "text"
+    optim = o["optim"] or ("sgd" if text else "adam")
+    if isinstance(optim, str) and optim not in ("sgd", "adam"):
+        raise ValueError(f"optim must be 'sgd', 'adam' or a callable lr -> PyroOptim, got {optim!r}")
+    o["optim"] = optim
+    if o["lr"] is None:
+        o["lr"] = 1.0 if optim == "sgd" else 1e-3
+    _check_number("lr", o["lr"], strict=True)
+    o["lr"] = float(o["lr"])
+    o["kind"] = kind
+    o["stop_rule"] = o["stop_rule"] or ("drop" if text else "patience")
+    if o["decay_patience"] is None:
+        o["decay_patience"] = 2 if text else 20
+    if o["decay_after"] is None:
+        o["decay_after"] = 15 if text else 0
+    o["steps_per_epoch"] = steps_per_epoch
+    return o
+
+
+def _config_record(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings as plain data, for checkpoints and the result."""
+    record = dict(settings)
+    if callable(record["optim"]):
+        record["optim"] = getattr(record["optim"], "__name__", "custom")
+    return record
+
+
+def _check_resumable(old: Dict[str, Any], new: Dict[str, Any], run_path: Path) -> None:
+    for key in _RESUME_KEYS:
+        if key in old and old[key] != new.get(key):
+            raise ValueError(
+                f"run directory {run_path} was trained with {key}={old[key]!r}, not {new.get(key)!r}; "
+                "resume with the same settings or use another run directory"
+            )
+
+
+def _kl_handlers(settings: Dict[str, Any]) -> tuple:
+    """The KL schedule and free-bits handler that the method asks for (None where not used)."""
+    method, steps = settings["method"], settings["steps_per_epoch"]
+    if method == "anneal" or settings["anneal"]:
+        return linear_annealing(settings["kl_start"], settings["warm_up"], steps), None
+    if method == "beta":
+        return beta_schedule(float(settings["beta"])), None
+    if method == "cyclical":
+        return cyclical(settings["cycles"], settings["cycle_ratio"], int(settings["epochs"]), steps), None
+    if method == "free-bits":
+        return None, FreeBits(float(settings["free_bits"]))
+    return None, None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _new_position(lr: float) -> Dict[str, Any]:
+    """Where training stands; all of it is plain data and goes into every checkpoint."""
+    return {
+        "epoch": 0, "step": 0, "history": [], "best_val_loss": math.inf, "best_epoch": None,
+        "plateau_loss": 1e4, "not_improved": 0, "decays": 0, "lr": lr, "stopped": None,
+        "acc": _new_accumulator(),
+    }
+
+
+def _new_accumulator() -> Dict[str, Any]:
+    return {"loss": 0.0, "points": 0, "inner": 0, "steps": 0, "time": 0.0}
+
+
+class _Run:
+    """One training run: the SVI object and its optimizers, the position, and the checkpoints."""
+
+    def __init__(self, model, guide, train, valid, settings, *, loss, device, run_path, callbacks) -> None:
+        self.model, self.guide = model, guide
+        self.train_source, self.valid = train, valid
+        self.settings = settings
+        self.device = device
+        self.callbacks = list(callbacks)
+        self.steps_per_epoch = settings["steps_per_epoch"]
+        self.last_path = run_path / LAST_CHECKPOINT if run_path is not None else None
+        self.best_path = run_path / BEST_CHECKPOINT if run_path is not None else None
+        self.pos = _new_position(settings["lr"])
+        self.best_params: Optional[Dict[str, Any]] = None
+
+        first_args, first_kwargs = normalize_batch(_to_device(next(_iterate(train, 0, 0)), device))
+        self.decoder_only = not _latent_sites(guide, first_args, first_kwargs)
+        self.schedule, free_bits = (None, None) if self.decoder_only else _kl_handlers(settings)
+
+        # the programs SVI runs: site recorder (to name a NaN's source), then KL weight / free bits
+        self.recorded: Dict[Any, Any] = {}
+        train_model = _SiteRecorder("model", self.recorded)(model)
+        train_guide = _SiteRecorder("guide", self.recorded)(guide)
+        if self.schedule is not None:
+            weight = KLWeight(self.schedule)
+            train_model, train_guide = weight(train_model), weight(train_guide)
+        if free_bits is not None:
+            train_model, train_guide = free_bits.model(train_model), free_bits.guide(train_guide)
+
+        normalizer = None
+        if hasattr(train, "normalizer"):
+            normalizer = lambda args, kwargs: float(train.normalizer(args))  # noqa: E731
+        self.svi = AggressiveSVI(
+            train_model, train_guide, self._make_optim(settings["lr"]), loss if loss is not None else Trace_ELBO(),
+            guide_batches=self._guide_batch, guide_optim=self._make_optim(settings["lr"]),
+            max_inner_steps=settings["max_inner_steps"], check_every=settings["check_every"],
+            clip_norm=settings["clip_norm"], stop_rule=settings["stop_rule"], patience=settings["patience"],
+            inner_loss_normalizer=normalizer, aggressive=settings["method"] == "aggressive" and not self.decoder_only,
+        )
+        # Probe the guide/model parameter split now (it draws random numbers), so that an
+        # uninterrupted run and a resumed one never probe at different moments.
+        self.svi.split_params(*first_args, **first_kwargs)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _make_optim(self, lr: float) -> Any:
+        optim = self.settings["optim"]
+        if callable(optim):
+            return optim(lr)
+        return pyro.optim.SGD({"lr": lr}) if optim == "sgd" else pyro.optim.Adam({"lr": lr})
+
+    def _guide_batch(self) -> Any:
+        """A random training batch for an aggressive inner step."""
+        train = self.train_source
+        if hasattr(train, "sample"):
+            return _to_device(train.sample(), self.device)
+        index = int(torch.randint(self.steps_per_epoch, ()))
+        if hasattr(train, "__getitem__"):
+            return _to_device(train[index], self.device)
+        return _to_device(next(_iterate(train, 0, index)), self.device)
+
+    def optims(self) -> Dict[str, Any]:
+        return {"model": self.svi.optim, "guide": self.svi.guide_optim}
+
+    def set_lr(self, lr: float) -> None:
+        """Fresh optimizers with learning rate ``lr`` (the reference rebuilds them after each decay)."""
+        self.pos["lr"] = lr
+        self.svi.optim = self._make_optim(lr)
+        self.svi.guide_optim = self._make_optim(lr)
+
+    def kl_weight(self) -> float:
+        return self.schedule.value if self.schedule is not None else 1.0
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        """Continue from a ``last.pt`` state: parameters, optimizers, RNGs, data order, position."""
+        meta = state["meta"]
+        _check_resumable(meta.get("config", {}), self.config, self.last_path.parent)
+        self.set_lr(float(meta["pos"]["lr"]))
+        restore_training_state(state, self.optims(), device=self.device)
+        self.svi.load_state_dict(meta["svi"])
+        if hasattr(self.train_source, "load_state_dict") and meta.get("train_source") is not None:
+            self.train_source.load_state_dict(meta["train_source"])
+        self.pos.update(meta["pos"])
+        if self.best_path is not None and self.best_path.exists():
+            self.best_params = load_checkpoint(self.best_path)["params"]
+
+    @property
+    def config(self) -> Dict[str, Any]:
+        return {**_config_record(self.settings), "decoder_only": self.decoder_only}
+
+    def write_last(self) -> None:
+        if self.last_path is None:
+            return
+        bad = nonfinite_params()
+        if bad:  # never replace a good checkpoint with broken parameters
+            raise TrainingDivergedError(
+                f"parameter '{bad[0]}' is not finite at epoch {self.pos['epoch'] + 1}; checkpoint not written"
+            )
+        meta = {
+            "config": self.config,
+            "pos": _plain(self.pos),
+            "svi": _plain(self.svi.state_dict()),
+            "train_source": self.train_source.state_dict() if hasattr(self.train_source, "state_dict") else None,
+        }
+        save_checkpoint(self.last_path, capture_training_state(self.optims(), meta))
+
+    def write_best(self, epoch: int, val_loss: float) -> None:
+        self.best_params = capture_param_store()
+        if self.best_path is not None:
+            save_checkpoint(self.best_path, {"params": self.best_params, "meta": {"epoch": epoch + 1, "val_loss": val_loss}})
+
+    # ------------------------------------------------------------------ numerical faults
+
+    def _where(self, epoch: int, step: int) -> str:
+        return f"epoch {epoch + 1}, step {step + 1} of {self.steps_per_epoch}"
+
+    def _kept(self) -> str:
+        if self.last_path is not None and self.last_path.exists():
+            return f"; last good checkpoint kept at {self.last_path}"
+        return ""
+
+    def diverged(self, epoch: int, step: int, loss_value: float) -> TrainingDivergedError:
+        if not math.isfinite(loss_value):
+            site = _find_bad_site(self.recorded) or "no single site found (check the loss's inputs)"
+            return TrainingDivergedError(
+                f"non-finite loss ({loss_value}) at {self._where(epoch, step)}: {site}{self._kept()}"
+            )
+        bad = nonfinite_params()
+        return TrainingDivergedError(
+            f"non-finite gradient at {self._where(epoch, step)}: parameter '{bad[0] if bad else '?'}' became "
+            f"NaN or infinite (the loss, {loss_value:.6g}, was finite){self._kept()}"
+        )
+
+    def invalid_distribution(self, epoch: int, step: int, exc: ValueError) -> Exception:
+        """Pyro's argument validation caught a NaN before any loss existed: say where."""
+        text = str(exc)
+        if "found invalid values" not in text and "within the support" not in text:
+            return exc  # not a numerical fault: let the original error through
+        role, after = self.recorded.get("running", ("program", None))
+        place = f"in the {role}" + (f" after site '{after}'" if after else " before its first sample site")
+        first = text.strip().splitlines()[0].rstrip(":")
+        return TrainingDivergedError(
+            f"invalid (NaN or out-of-support) values at {self._where(epoch, step)}, {place}: {first}{self._kept()}"
+        )
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, epoch: int, step: int, batch: Any) -> float:
+        """One training step, refusing bad input and stopping on any non-finite number."""
+        args, kwargs = normalize_batch(_to_device(batch, self.device))
+        if self.schedule is not None:
+            self.schedule.update(epoch, step)
+        bad_input = _nonfinite_argument(args, kwargs)
+        if bad_input is not None:
+            raise ValueError(
+                f"training batch {step + 1} of epoch {epoch + 1} holds NaN or infinite values in {bad_input}"
+            )
+        self.recorded.clear()
+        try:
+            loss_value = float(self.svi.step(*args, **kwargs))
+        except ValueError as exc:
+            raise self.invalid_distribution(epoch, step, exc) from None
+        if not math.isfinite(loss_value) or not _params_finite():
+            raise self.diverged(epoch, step, loss_value)
+        acc = self.pos["acc"]
+        acc["loss"] += loss_value
+        acc["points"] += _num_points(args)
+        acc["inner"] += self.svi.last_inner_steps
+        acc["steps"] += 1
+        return loss_value
+
+    def train_epoch(self, epoch: int) -> None:
+        """The epoch's remaining steps, from ``pos["step"]``, with mid-epoch checkpoints."""
+        every = self.settings["checkpoint_every"]
+        started = time.perf_counter()
+        start = self.pos["step"]
+        for offset, batch in enumerate(_iterate(self.train_source, epoch, start)):
+            step = start + offset
+            loss_value = self.step(epoch, step, batch)
+            _call_batch_callbacks(self.callbacks, {
+                "epoch": epoch + 1, "step": step + 1, "steps": self.steps_per_epoch, "loss": loss_value,
+                "inner_steps": self.svi.last_inner_steps, "aggressive": self.svi.aggressive,
+                "kl_weight": self.kl_weight(),
+            })
+            if every and (step + 1) % every == 0 and step + 1 < self.steps_per_epoch:
+                now = time.perf_counter()
+                self.pos["acc"]["time"] += now - started
+                started = now
+                self.pos["step"] = step + 1
+                self.write_last()
+        self.recorded.clear()
+        self.pos["acc"]["time"] += time.perf_counter() - started
+
+    def evaluate(self, batches: Iterable[Any], iw_samples: int = 0, iw_chunk_size: int = 100) -> Dict[str, Any]:
+        if self.decoder_only:
+            metrics = _exact_metrics(self.model, batches)
+            if iw_samples > 0:
+                metrics["iw_nll"] = -metrics["elbo"]  # no latent: the likelihood is exact
+            return metrics
+        return _plain(evaluate(self.model, self.guide, batches, iw_samples=iw_samples, iw_chunk_size=iw_chunk_size))
+
+    def decay_on_plateau(self, epoch: int, val_loss: float) -> bool:
+        """The reference's rule: after ``decay_patience`` epochs above the plateau loss (from epoch
+        ``decay_after`` on), scale lr by ``lr_decay``, reload the best parameters, new optimizers."""
+        s, pos = self.settings, self.pos
+        if s["lr_decay"] is None:
+            return False
+        if val_loss <= pos["plateau_loss"]:
+            pos["not_improved"] = 0
+            pos["plateau_loss"] = val_loss
+            return False
+        pos["not_improved"] += 1
+        if pos["not_improved"] < s["decay_patience"] or epoch < s["decay_after"]:
+            return False
+        pos["plateau_loss"] = val_loss
+        pos["not_improved"] = 0
+        pos["decays"] += 1
+        if self.best_params is not None:
+            restore_param_store(self.best_params)
+        self.set_lr(pos["lr"] * s["lr_decay"])
+        return True
+
+    def end_epoch(self, epoch: int) -> Dict[str, Any]:
+        """Validate, update aggressive mode, best parameters and lr; record and checkpoint the epoch."""
+        s, pos, acc = self.settings, self.pos, self.pos["acc"]
+        started = time.perf_counter()
+        aggressive = self.svi.aggressive
+        metrics = self.evaluate(_eval_batches(self.valid))
+        mi = metrics.get("mi")
+        if self.svi.aggressive and mi is not None:
+            self.svi.observe_mi(mi)
+        if self.svi.aggressive and s["max_aggressive_epochs"] is not None and epoch + 1 >= s["max_aggressive_epochs"]:
+            self.svi.stop_aggressive()
+        val_loss = -float(metrics["elbo"])
+        if not math.isfinite(val_loss):
+            raise TrainingDivergedError(f"non-finite validation loss at epoch {epoch + 1}{self._kept()}")
+        if val_loss < pos["best_val_loss"]:
+            pos["best_val_loss"], pos["best_epoch"] = val_loss, epoch + 1
+            self.write_best(epoch, val_loss)
+        lr_used = pos["lr"]
+        decayed = self.decay_on_plateau(epoch, val_loss)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": acc["loss"] / max(acc["points"], 1),
+            "val_loss": val_loss,
+            "elbo": float(metrics["elbo"]),
+            "recon": float(metrics["recon"]),
+            "kl": float(metrics["kl"]),
+            "mi": None if mi is None else float(mi),
+            "au": metrics.get("au"),
+            "aggressive": aggressive,
+            "inner_steps": acc["inner"] / max(acc["steps"], 1),
+            "kl_weight": self.kl_weight(),
+            "lr": lr_used,
+            "decayed": decayed,
+            "wall_time": acc["time"] + time.perf_counter() - started,
+        }
+        pos["history"].append(row)
+        pos["epoch"], pos["step"], pos["acc"] = epoch + 1, 0, _new_accumulator()
+        if s["lr_decay"] is not None and pos["decays"] >= s["max_decays"]:
+            pos["stopped"] = f"learning rate decayed {s['max_decays']} times"
+        self.write_last()
+        return row
+
+    def run(self) -> None:
+        while self.pos["stopped"] is None and self.pos["epoch"] < self.settings["epochs"]:
+            epoch = self.pos["epoch"]
+            self.train_epoch(epoch)
+            row = self.end_epoch(epoch)
+            _call_epoch_callbacks(self.callbacks, row)
+
+
+def _params_finite() -> bool:
+    """Whether every parameter in the store is finite (one device sync for all of them)."""
+    values = [p.detach() for _, p in pyro.get_param_store().named_parameters()]
+    if not values:
+        return True
+    return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
 
 
 # --------------------------------------------------------------------------- fit
@@ -301,15 +673,16 @@ def fit(
         over ``warm_up`` epochs), ``beta`` (constant KL weight ``beta``), ``cyclical``
         (``cycles`` ramps over ``cycle_ratio`` of each cycle), ``free-bits`` (floor
         ``free_bits`` nats per latent dimension). ``anneal=True`` adds annealing to
-        ``aggressive`` (the paper's "+ anneal" rows).
+        ``aggressive`` (the paper's "+ anneal" rows). A guide without latent variables
+        (decoder-only baseline) trains as plain SVI whatever the method.
     :param kind: ``text`` or ``image`` (default: the model owner's ``.kind``); picks the
         reference defaults: text uses SGD lr 1.0, the ``drop`` stop rule and lr decay
         after 2 epochs without improvement from the 16th epoch on; images use Adam lr
         1e-3, the ``patience`` stop rule and a decay patience of 20 epochs.
-    :param stop_rule, patience: how validation MI ends aggressive mode (see ``AggressiveSVI``);
-        ``max_aggressive_epochs`` ends it after that many epochs at the latest.
     :param optim: ``"sgd"``, ``"adam"`` or ``lr -> PyroOptim``; the guide and the model get
         separate optimizers with the same learning rate.
+    :param stop_rule, patience: how validation MI ends aggressive mode (see ``AggressiveSVI``);
+        ``max_aggressive_epochs`` ends it after that many epochs at the latest.
     :param lr_decay: on a plateau, multiply lr by this and reload the best parameters,
         at most ``max_decays`` times, then stop (None: never decay).
     :param seed: seeds every RNG at the start (None leaves them alone). The param store is
@@ -319,33 +692,11 @@ def fit(
     :param checkpoint_every: also write ``last.pt`` every this many steps within an epoch.
     :param callbacks: objects with ``on_epoch_end(row)`` and/or ``on_batch_end(info)``, or
         plain callables called with each epoch's history row.
-    :param iw_samples: importance samples for the final test pass's IW-NLL (0: none).
+    :param iw_samples: importance samples for the final test pass's IW-NLL (0: none). The
+        test pass evaluates the best parameters, which stay in the param store afterwards.
     :raises TrainingDivergedError: on a NaN or infinite loss or parameter, naming the epoch,
         step and site; checkpoints written before it are kept.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    _check_number("epochs", epochs, minimum=1, integer=True)
-    if anneal and method not in ("aggressive", "anneal", "standard"):
-        raise ValueError(f"anneal=True combines with method aggressive or standard, not {method!r}")
-    if method == "beta":
-        if beta is None:
-            raise ValueError("method 'beta' needs the KL weight beta")
-        _check_number("beta", beta)
-    if method == "free-bits":
-        if free_bits is None:
-            raise ValueError("method 'free-bits' needs free_bits (nats per latent dimension)")
-        _check_number("free_bits", free_bits)
-    for name, value in (("iw_samples", iw_samples), ("max_decays", max_decays)):
-        _check_number(name, value, integer=True)
-    if max_aggressive_epochs is not None:
-        _check_number("max_aggressive_epochs", max_aggressive_epochs, minimum=1, integer=True)
-    if checkpoint_every is not None:
-        _check_number("checkpoint_every", checkpoint_every, minimum=1, integer=True)
-    if clip_norm is not None:
-        _check_number("clip_norm", clip_norm, strict=True)
-    if lr_decay is not None and not 0.0 < lr_decay < 1.0:
-        raise ValueError(f"lr_decay must lie in (0, 1) or be None, got {lr_decay!r}")
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir, the directory holding the checkpoint")
     try:
@@ -354,322 +705,56 @@ def fit(
         raise ValueError("train must have a length (a batch source or a sequence of batches)") from None
     if steps_per_epoch == 0:
         raise ValueError("train has no batch")
-
     if kind is None:
         for module in _modules_of(model, guide):
             kind = getattr(module, "kind", None) or kind
-    if kind not in (None, "text", "image"):
-        raise ValueError(f"kind must be 'text' or 'image', got {kind!r}")
-    text = kind == "text"
-    optim = optim or ("sgd" if text else "adam")
-    if isinstance(optim, str) and optim not in ("sgd", "adam"):
-        raise ValueError(f"optim must be 'sgd', 'adam' or a callable lr -> PyroOptim, got {optim!r}")
-    if lr is None:
-        lr = 1.0 if optim == "sgd" else 1e-3
-    _check_number("lr", lr, strict=True)
-    stop_rule = stop_rule or ("drop" if text else "patience")
-    decay_patience = decay_patience if decay_patience is not None else (2 if text else 20)
-    decay_after = decay_after if decay_after is not None else (15 if text else 0)
+    settings = _resolve_settings(
+        dict(
+            method=method, epochs=epochs, optim=optim, lr=lr, clip_norm=clip_norm, anneal=bool(anneal),
+            kl_start=kl_start, warm_up=warm_up, beta=beta, cycles=cycles, cycle_ratio=cycle_ratio,
+            free_bits=free_bits, stop_rule=stop_rule, patience=patience, max_inner_steps=max_inner_steps,
+            check_every=check_every, max_aggressive_epochs=max_aggressive_epochs, lr_decay=lr_decay,
+            decay_patience=decay_patience, decay_after=decay_after, max_decays=max_decays, seed=seed,
+            checkpoint_every=checkpoint_every, iw_samples=iw_samples,
+        ),
+        kind,
+        steps_per_epoch,
+    )
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was asked for but CUDA is not available")
-
     run_path = Path(run_dir) if run_dir is not None else None
-    last_path = run_path / LAST_CHECKPOINT if run_path else None
-    best_path = run_path / BEST_CHECKPOINT if run_path else None
-    resuming = bool(resume and last_path is not None and last_path.exists())
+    last_path = run_path / LAST_CHECKPOINT if run_path is not None else None
     if last_path is not None and last_path.exists() and not resume:
         raise ValueError(
             f"run directory {run_path} already holds a training checkpoint; pass resume=True to continue it"
         )
 
-    # ------------------------------------------------------------------ set up
     pyro.clear_param_store()
     if seed is not None:
         pyro.set_rng_seed(seed)
-    modules = _modules_of(model, guide)
-    for module in modules:
+    for module in _modules_of(model, guide):
         if device is not None:
             module.to(device)
         module.train()
+    run = _Run(model, guide, train, valid, settings, loss=loss, device=device, run_path=run_path,
+               callbacks=callbacks)
+    if resume and last_path is not None and last_path.exists():
+        run.restore(load_checkpoint(last_path))
+    run.run()
 
-    first_args, first_kwargs = normalize_batch(_to_device(next(_iterate(train, 0, 0)), device))
-    latent_names = _latent_sites(guide, first_args, first_kwargs)
-    decoder_only = not latent_names
-
-    schedule: Optional[KLSchedule] = None
-    free_bits_handler: Optional[FreeBits] = None
-    if not decoder_only:
-        if method == "anneal" or anneal:
-            schedule = linear_annealing(kl_start, warm_up, steps_per_epoch)
-        elif method == "beta":
-            schedule = beta_schedule(float(beta))
-        elif method == "cyclical":
-            schedule = cyclical(cycles, cycle_ratio, int(epochs), steps_per_epoch)
-        elif method == "free-bits":
-            free_bits_handler = FreeBits(float(free_bits))
-
-    recorded: Dict[Any, Any] = {}
-    train_model = _SiteRecorder("model", recorded)(model)
-    train_guide = _SiteRecorder("guide", recorded)(guide)
-    if schedule is not None:
-        weight = KLWeight(schedule)
-        train_model, train_guide = weight(train_model), weight(train_guide)
-    if free_bits_handler is not None:
-        train_model, train_guide = free_bits_handler.model(train_model), free_bits_handler.guide(train_guide)
-
-    def guide_batch() -> Any:
-        """A random training batch for an aggressive inner step."""
-        if hasattr(train, "sample"):
-            return _to_device(train.sample(), device)
-        index = int(torch.randint(steps_per_epoch, ()))
-        if hasattr(train, "__getitem__"):
-            return _to_device(train[index], device)
-        return _to_device(next(_iterate(train, 0, index)), device)
-
-    normalizer = None
-    if hasattr(train, "normalizer"):
-        normalizer = lambda args, kwargs: float(train.normalizer(args))  # noqa: E731
-
-    current_lr = float(lr)
-    model_optim = _make_optim(optim, current_lr)
-    guide_optim = _make_optim(optim, current_lr)
-    svi = AggressiveSVI(
-        train_model, train_guide, model_optim, loss if loss is not None else Trace_ELBO(),
-        guide_batches=guide_batch, guide_optim=guide_optim, max_inner_steps=max_inner_steps,
-        check_every=check_every, clip_norm=clip_norm, stop_rule=stop_rule, patience=patience,
-        inner_loss_normalizer=normalizer, aggressive=(method == "aggressive" and not decoder_only),
-    )
-    # Probe the guide/model parameter split now (it draws random numbers), so that an
-    # uninterrupted run and a resumed one never probe at different moments.
-    svi.split_params(*first_args, **first_kwargs)
-
-    config = {
-        "method": method, "anneal": bool(anneal), "epochs": int(epochs), "kind": kind,
-        "optim": optim if isinstance(optim, str) else getattr(optim, "__name__", "custom"),
-        "lr": float(lr), "seed": seed, "clip_norm": clip_norm, "kl_start": kl_start, "warm_up": warm_up,
-        "beta": beta, "cycles": cycles, "cycle_ratio": cycle_ratio, "free_bits": free_bits,
-        "stop_rule": stop_rule, "patience": patience, "max_inner_steps": max_inner_steps,
-        "check_every": check_every, "max_aggressive_epochs": max_aggressive_epochs, "lr_decay": lr_decay, "decay_patience": decay_patience,
-        "decay_after": decay_after, "max_decays": max_decays, "steps_per_epoch": steps_per_epoch,
-        "decoder_only": decoder_only, "iw_samples": iw_samples,
-    }
-
-    # training position and bookkeeping (all of it goes into checkpoints)
-    pos = {
-        "epoch": 0, "step": 0, "history": [], "best_val_loss": math.inf, "best_epoch": None,
-        "plateau_loss": 1e4, "not_improved": 0, "decays": 0, "lr": current_lr, "stopped": None,
-        "acc": {"loss": 0.0, "points": 0, "inner": 0, "steps": 0, "time": 0.0},
-    }
-    best_params: Optional[Dict[str, Any]] = None
-
-    def optims() -> Dict[str, Any]:
-        return {"model": svi.optim, "guide": svi.guide_optim}
-
-    def set_lr(value: float, fresh: bool) -> None:
-        nonlocal current_lr
-        current_lr = value
-        if fresh:  # the reference builds new optimizers after each decay
-            svi.optim = _make_optim(optim, value)
-            svi.guide_optim = _make_optim(optim, value)
-
-    if resuming:
-        state = load_checkpoint(last_path)
-        meta = state["meta"]
-        old = meta.get("config", {})
-        for key in _RESUME_KEYS:
-            if key in old and old[key] != config[key]:
-                raise ValueError(
-                    f"run directory {run_path} was trained with {key}={old[key]!r}, not {config[key]!r}; "
-                    "resume with the same settings or use another run directory"
-                )
-        set_lr(float(meta["pos"]["lr"]), fresh=True)
-        restore_training_state(state, optims(), device=device)
-        svi.load_state_dict(meta["svi"])
-        if hasattr(train, "load_state_dict") and meta.get("train_source") is not None:
-            train.load_state_dict(meta["train_source"])
-        pos.update(meta["pos"])
-        if best_path is not None and best_path.exists():
-            best_params = load_checkpoint(best_path)["params"]
-
-    def checkpoint_meta() -> Dict[str, Any]:
-        return {
-            "config": config,
-            "pos": _plain(pos),
-            "svi": _plain(svi.state_dict()),
-            "train_source": train.state_dict() if hasattr(train, "state_dict") else None,
-        }
-
-    def write_last() -> None:
-        if last_path is None:
-            return
-        bad = nonfinite_params()
-        if bad:  # never replace a good checkpoint with broken parameters
-            raise TrainingDivergedError(
-                f"parameter '{bad[0]}' is not finite at epoch {pos['epoch'] + 1}; checkpoint not written"
-            )
-        save_checkpoint(last_path, capture_training_state(optims(), checkpoint_meta()))
-
-    def diverged(epoch: int, step: int, loss_value: float) -> TrainingDivergedError:
-        where = f"epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}"
-        kept = f"; last good checkpoint kept at {last_path}" if last_path is not None and last_path.exists() else ""
-        if not math.isfinite(loss_value):
-            site = _find_bad_site(recorded) or "no single site found (check the loss's inputs)"
-            return TrainingDivergedError(f"non-finite loss ({loss_value}) at {where}: {site}{kept}")
-        bad = nonfinite_params()
-        name = bad[0] if bad else "?"
-        return TrainingDivergedError(
-            f"non-finite gradient at {where}: parameter '{name}' became NaN or infinite "
-            f"(the loss, {loss_value:.6g}, was finite){kept}"
-        )
-
-    def invalid_distribution(epoch: int, step: int, exc: ValueError) -> Exception:
-        text = str(exc)
-        if "found invalid values" not in text and "within the support" not in text:
-            return exc  # not a numerical fault: let the original error through
-        role, after = recorded.get("running", ("program", None))
-        place = f"in the {role}" + (f" after site '{after}'" if after else " before its first sample site")
-        first = text.strip().splitlines()[0].rstrip(":")
-        return TrainingDivergedError(
-            f"invalid (NaN or out-of-support) values at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}, "
-            f"{place}: {first}"
-        )
-
-    def params_finite() -> bool:
-        values = [p.detach() for _, p in pyro.get_param_store().named_parameters()]
-        if not values:
-            return True
-        return bool(torch.stack([torch.isfinite(v).all() for v in values]).all())
-
-    def validate() -> Dict[str, Any]:
-        batches = _eval_batches(valid)
-        if decoder_only:
-            return _exact_metrics(model, batches)
-        return evaluate(model, guide, batches)
-
-    # ------------------------------------------------------------------ epochs
-    while pos["stopped"] is None and pos["epoch"] < epochs:
-        epoch = pos["epoch"]
-        acc = pos["acc"]
-        aggressive_this_epoch = svi.aggressive
-        started = time.perf_counter()
-        start = pos["step"]
-        for step_offset, batch in enumerate(_iterate(train, epoch, start)):
-            step = start + step_offset
-            args, kwargs = normalize_batch(_to_device(batch, device))
-            if schedule is not None:
-                schedule.update(epoch, step)
-            bad_input = _nonfinite_argument(args, kwargs)
-            if bad_input is not None:
-                raise ValueError(
-                    f"training batch {step + 1} of epoch {epoch + 1} holds NaN or infinite values in {bad_input}"
-                )
-            recorded.clear()
-            try:
-                loss_value = float(svi.step(*args, **kwargs))
-            except ValueError as exc:
-                raise invalid_distribution(epoch, step, exc) from None
-            if not math.isfinite(loss_value) or not params_finite():
-                raise diverged(epoch, step, loss_value)
-            acc["loss"] += loss_value
-            acc["points"] += _num_points(args)
-            acc["inner"] += svi.last_inner_steps
-            acc["steps"] += 1
-            _call_batch_callbacks(callbacks, {
-                "epoch": epoch + 1, "step": step + 1, "steps": steps_per_epoch, "loss": loss_value,
-                "inner_steps": svi.last_inner_steps, "aggressive": svi.aggressive,
-                "kl_weight": schedule.value if schedule is not None else 1.0,
-            })
-            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                acc["time"] += time.perf_counter() - started
-                started = time.perf_counter()
-                pos["step"] = step + 1
-                write_last()
-        recorded.clear()
-
-        metrics = validate()
-        mi = metrics.get("mi")
-        if svi.aggressive and mi is not None:
-            svi.observe_mi(mi)
-        if svi.aggressive and max_aggressive_epochs is not None and epoch + 1 >= max_aggressive_epochs:
-            svi.stop_aggressive()
-        val_loss = -float(metrics["elbo"])
-        if not math.isfinite(val_loss):
-            raise TrainingDivergedError(f"non-finite validation loss at epoch {epoch + 1}")
-
-        improved = val_loss < pos["best_val_loss"]
-        if improved:
-            pos["best_val_loss"] = val_loss
-            pos["best_epoch"] = epoch + 1
-            best_params = capture_param_store()
-            if best_path is not None:
-                save_checkpoint(best_path, {"params": best_params, "meta": {"epoch": epoch + 1, "val_loss": val_loss}})
-
-        # learning-rate decay on a plateau, as in the reference (text.py)
-        decayed = False
-        lr_used = current_lr
-        if lr_decay is not None:
-            if val_loss > pos["plateau_loss"]:
-                pos["not_improved"] += 1
-                if pos["not_improved"] >= decay_patience and epoch >= decay_after:
-                    pos["plateau_loss"] = val_loss
-                    pos["not_improved"] = 0
-                    pos["decays"] += 1
-                    pos["lr"] = current_lr * lr_decay
-                    if best_params is not None:
-                        restore_param_store(best_params)
-                    set_lr(pos["lr"], fresh=True)
-                    decayed = True
-            else:
-                pos["not_improved"] = 0
-                pos["plateau_loss"] = val_loss
-
-        acc["time"] += time.perf_counter() - started
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": acc["loss"] / max(acc["points"], 1),
-            "val_loss": val_loss,
-            "elbo": float(metrics["elbo"]),
-            "recon": float(metrics["recon"]),
-            "kl": float(metrics["kl"]),
-            "mi": None if mi is None else float(mi),
-            "au": metrics.get("au"),
-            "aggressive": aggressive_this_epoch,
-            "inner_steps": acc["inner"] / max(acc["steps"], 1),
-            "kl_weight": schedule.value if schedule is not None else 1.0,
-            "lr": lr_used,
-            "decayed": decayed,
-            "wall_time": acc["time"],
-        }
-        pos["history"].append(row)
-        pos["epoch"] = epoch + 1
-        pos["step"] = 0
-        pos["acc"] = {"loss": 0.0, "points": 0, "inner": 0, "steps": 0, "time": 0.0}
-        if lr_decay is not None and pos["decays"] >= max_decays:
-            pos["stopped"] = f"learning rate decayed {max_decays} times"
-        write_last()
-        _call_epoch_callbacks(callbacks, row)
-
-    stopped = pos["stopped"] or f"completed {epochs} epochs"
-
-    # ------------------------------------------------------------------ test pass
+    if run.best_params is not None:
+        restore_param_store(run.best_params)
     test_metrics = None
-    if best_params is not None:
-        restore_param_store(best_params)
     if test is not None:
-        batches = _eval_batches(test)
-        if decoder_only:
-            test_metrics = _exact_metrics(model, batches)
-            test_metrics["iw_nll"] = -test_metrics["elbo"]  # no latent: the likelihood is exact
-        else:
-            test_metrics = _plain(evaluate(model, guide, batches, iw_samples=iw_samples, iw_chunk_size=iw_chunk_size))
+        test_metrics = run.evaluate(_eval_batches(test), iw_samples=iw_samples, iw_chunk_size=iw_chunk_size)
     return FitResult(
-        history=[dict(r) for r in pos["history"]],
+        history=[dict(r) for r in run.pos["history"]],
         test=test_metrics,
-        best_epoch=pos["best_epoch"],
-        best_val_loss=pos["best_val_loss"],
-        stopped=stopped,
-        decoder_only=decoder_only,
+        best_epoch=run.pos["best_epoch"],
+        best_val_loss=run.pos["best_val_loss"],
+        stopped=run.pos["stopped"] or f"completed {epochs} epochs",
+        decoder_only=run.decoder_only,
         run_dir=run_path,
-        config=config,
+        config=run.config,
     )
