@@ -110,6 +110,20 @@ def _num_points(args: tuple) -> int:
     return 1
 
 
+def _per_example(fn: Callable) -> Callable:
+    """Scale a program's log-densities by 1/batch size, so the loss is a per-example mean.
+
+    The reference averages the loss over the batch; with SGD at lr 1.0 a summed loss
+    would take steps batch-size times too long.
+    """
+
+    def scaled(*args: Any, **kwargs: Any) -> Any:
+        with poutine.scale(scale=1.0 / _num_points(args)):
+            return fn(*args, **kwargs)
+
+    return scaled
+
+
 def _nonfinite_argument(args: tuple, kwargs: dict) -> Optional[str]:
     """Which floating-point argument of a batch holds a NaN or infinity, if any."""
     named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
@@ -367,9 +381,14 @@ class _Run:
         if free_bits is not None:
             train_model, train_guide = free_bits.model(train_model), free_bits.guide(train_guide)
 
+        train_model, train_guide = _per_example(train_model), _per_example(train_guide)
+        # Inner-loop windows compare loss per token (text) or per example (images); the
+        # step's loss is already a per-example mean.
         normalizer = None
         if hasattr(train, "normalizer"):
-            normalizer = lambda args, kwargs: float(train.normalizer(args))  # noqa: E731
+            normalizer = lambda args, kwargs: float(train.normalizer(args)) / _num_points(args)  # noqa: E731
+        else:
+            normalizer = lambda args, kwargs: 1.0  # noqa: E731
         self.svi = AggressiveSVI(
             train_model, train_guide, self._make_optim(settings["lr"]), loss if loss is not None else Trace_ELBO(),
             guide_batches=self._guide_batch, guide_optim=self._make_optim(settings["lr"]),
@@ -505,7 +524,7 @@ class _Run:
         if not math.isfinite(loss_value) or not _params_finite():
             raise self.diverged(epoch, step, loss_value)
         acc = self.pos["acc"]
-        acc["loss"] += loss_value
+        acc["loss"] += loss_value * _num_points(args)
         acc["points"] += _num_points(args)
         acc["inner"] += self.svi.last_inner_steps
         acc["steps"] += 1
