@@ -1,0 +1,56 @@
+"""The paper's Table 1 (text) on Penn Treebank with the lstm-text VAE, at CPU scale by default.
+
+    python examples/ptb_text.py                       # reduced: a slice of PTB, small preset
+    python examples/ptb_text.py --paper --device cuda # full PTB, paper preset, 40 epochs
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, num_tokens
+from pyro_lag.models.registry import build
+
+from paper_table import METHODS, run_rows
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--paper", action="store_true", help="full data, paper preset and schedule")
+    parser.add_argument("--train-sentences", type=int, default=6000)
+    parser.add_argument("--eval-sentences", type=int, default=500)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--rows", default=",".join(METHODS))
+    parser.add_argument("--iw-samples", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=783435)
+    parser.add_argument("--out", type=Path, default=Path("runs/ptb_text"))
+    args = parser.parse_args()
+
+    vocab = Vocabulary.from_file(args.data / "ptb.train.txt")
+    corpora = {split: TextCorpus.from_file(args.data / f"ptb.{split}.txt", vocab) for split in ("train", "valid", "test")}
+    if not args.paper:
+        rng = np.random.default_rng(0)
+        corpora["train"] = corpora["train"].subset(rng.permutation(len(corpora["train"]))[: args.train_sentences])
+        for split in ("valid", "test"):
+            corpora[split] = corpora[split].subset(np.arange(min(args.eval_sentences, len(corpora[split]))))
+    train = TextBatches(corpora["train"], 32, seed=args.seed, device=args.device)
+    valid = TextBatches(corpora["valid"], 50, shuffle=False, device=args.device)
+    test = TextBatches(corpora["test"], 50, shuffle=False, device=args.device)
+    tokens = sum(num_tokens(b) for (b,) in test)
+    preset = "paper" if args.paper else "small"
+    epochs = args.epochs or (40 if args.paper else 8)
+    iw = args.iw_samples or (500 if args.paper else 100)
+    overrides = {} if args.paper else {"enc_nh": 128, "dec_nh": 128, "ni": 128}
+    run_rows(lambda: build("lstm-text", preset, vocab_size=len(vocab), **overrides), train, valid, test,
+             rows=args.rows.split(","), epochs=epochs, iw_samples=iw, seed=args.seed, tokens=tokens,
+             out=args.out, fit_options={"device": args.device})
+
+
+if __name__ == "__main__":
+    main()
