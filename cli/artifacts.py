@@ -31,7 +31,9 @@ from .rundir import (
     write_text_atomic,
 )
 
-MEAN_SPACE_POINTS = 200  # data points in the posterior-mean-space picture
+MEAN_SPACE_POINTS = 100  # data points in the posterior-mean-space picture
+# Grid for the model's true posterior mean: the prior N(0, 1) keeps posterior means well inside it.
+MEAN_SPACE_GRID = (-10.0, 10.0, 0.1)
 SAMPLE_COUNT = 8
 
 
@@ -125,51 +127,65 @@ def posterior_means(handle: PairHandle, batches: Sequence[Any], limit: int = MEA
     from pyro_lag.models import true_posterior_mean
 
     pair = handle.pair
-    model_means, guide_means = [], []
+    grid = torch.arange(*MEAN_SPACE_GRID)
+    model_means, guide_means, total = [], [], 0
     for batch in batches:
-        x = first_tensor(batch)
-        model_means.append(true_posterior_mean(pair, x).cpu())
+        x = first_tensor(batch)[: limit - total]
+        model_means.append(true_posterior_mean(pair, x, grid=grid).cpu())
         with pair.evaluating():
             guide_means.append(pair.encode(x)[0][:, 0].cpu())
-    model = torch.cat(model_means)[:limit].tolist()
-    guide = torch.cat(guide_means)[:limit].tolist()
-    return model, guide
+        total += x.shape[0]
+        if total >= limit:
+            break
+    return torch.cat(model_means).tolist(), torch.cat(guide_means).tolist()
 
 
 class MeanSpaceRecorder:
-    """A fit callback that stores, after each epoch, model vs. guide posterior means (He et al., Fig. 1)."""
+    """Model vs. guide posterior means (He et al., Fig. 1) while the guide catches up, and at the end.
+
+    As a fit callback it records after every aggressive epoch and the first epoch after
+    them (each snapshot decodes the points at every grid value, so not every epoch);
+    :meth:`final` adds the trained model's snapshot.
+    """
 
     def __init__(self, run: RunDirectory, handle: PairHandle, batches: Sequence[Any]) -> None:
         self.run, self.handle, self.batches = run, handle, batches
         path = run.file(MEAN_SPACE_FILE)
-        self.snapshots: dict[str, Any] = read_json(path)["epochs"] if path.is_file() else {}
+        self.snapshots: dict[str, Any] = read_json(path)["snapshots"] if path.is_file() else {}
+        self._was_aggressive = True
+
+    def _record(self, key: str, label: str) -> None:
+        model, guide = posterior_means(self.handle, self.batches)
+        self.snapshots[key] = {"label": label, "model": model, "guide": guide}
+        write_json(self.run.file(MEAN_SPACE_FILE), {"points": len(model), "snapshots": self.snapshots})
 
     def on_epoch_end(self, row: Mapping[str, Any]) -> None:
-        model, guide = posterior_means(self.handle, self.batches)
-        self.snapshots[str(row["epoch"])] = {"model": model, "guide": guide, "aggressive": bool(row.get("aggressive"))}
-        write_json(self.run.file(MEAN_SPACE_FILE), {"points": len(model), "epochs": self.snapshots})
+        aggressive = bool(row.get("aggressive"))
+        if aggressive or self._was_aggressive:
+            self._record(f"epoch {row['epoch']}", f"epoch {row['epoch']}" + (" (aggressive)" if aggressive else ""))
+        self._was_aggressive = aggressive
+
+    def final(self, best_epoch: Optional[int]) -> None:
+        """The snapshot of the parameters training ended with (the best ones)."""
+        label = f"end (best epoch {best_epoch})" if best_epoch is not None else "end of training"
+        self._record("end", label)
 
 
-def mean_space_panels(run: RunDirectory, history: Sequence[Mapping[str, Any]]) -> Optional[dict[str, tuple]]:
-    """Up to four snapshots for the report: first epoch, end of aggressive mode, middle, last."""
+def mean_space_panels(run: RunDirectory) -> Optional[dict[str, tuple]]:
+    """Up to four snapshots for the report: first, last aggressive, first after, end of training."""
     path = run.file(MEAN_SPACE_FILE)
     if not path.is_file():
         return None
-    snapshots = read_json(path)["epochs"]
-    if not snapshots:
+    snapshots = read_json(path)["snapshots"]
+    keys = list(snapshots)
+    if not keys:
         return None
-    epochs = sorted(int(e) for e in snapshots)
-    chosen = [epochs[0]]
-    aggressive = [int(r["epoch"]) for r in history if r.get("aggressive") and str(r["epoch"]) in snapshots]
-    if aggressive:
-        chosen.append(aggressive[-1])
-    chosen.extend([epochs[len(epochs) // 2], epochs[-1]])
-    picked = sorted(dict.fromkeys(chosen))[:4]
-    return {
-        f"epoch {e}" + (" (aggressive)" if snapshots[str(e)].get("aggressive") else ""):
-            (np.asarray(snapshots[str(e)]["model"]), np.asarray(snapshots[str(e)]["guide"]))
-        for e in picked
-    }
+    aggressive = [k for k in keys if snapshots[k]["label"].endswith("(aggressive)")]
+    after = [k for k in keys if k.startswith("epoch") and k not in aggressive]
+    chosen = [keys[0], *(aggressive[-1:]), *(after[:1]), *(["end"] if "end" in snapshots else keys[-1:])]
+    picked = list(dict.fromkeys(chosen))[:4]
+    return {snapshots[k]["label"]: (np.asarray(snapshots[k]["model"]), np.asarray(snapshots[k]["guide"]))
+            for k in picked}
 
 
 # ------------------------------------------------------------------------------ samples
@@ -265,6 +281,6 @@ def build_report(run: RunDirectory, config: Mapping[str, Any], history: Sequence
         usage=usage,
         idata=idata,
         samples=samples,
-        posterior_mean_space=mean_space_panels(run, history),
+        posterior_mean_space=mean_space_panels(run),
         kind=kind,
     )

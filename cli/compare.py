@@ -39,7 +39,7 @@ def _number(value: Any) -> Optional[float]:
 
 
 def row_of(path: str | Path) -> dict[str, Any]:
-    """The table row of one run (its latest ``eval`` if any, else its final evaluation)."""
+    """The table row of one run: its final evaluation, or its latest ``eval`` of the same split."""
     from pyro_lag.report import perplexity
 
     run = RunDirectory.open(path)
@@ -52,9 +52,10 @@ def row_of(path: str | Path) -> dict[str, Any]:
         status = (run.marker() or {}).get("status", "?")
         raise click.UsageError(f"run {run.path} has no final metrics (status {status}); finish or resume it first")
     metrics = dict(metrics)
-    if run.file(EVAL_FILE).is_file():
+    if run.file(EVAL_FILE).is_file():  # a later `pyro-lag eval` of the same split (e.g. with more samples)
         evaluated = read_json(run.file(EVAL_FILE)).get("metrics") or {}
-        metrics.update({k: v for k, v in evaluated.items() if v is not None})
+        if evaluated.get("evaluated_on") == metrics.get("evaluated_on"):
+            metrics.update({k: v for k, v in evaluated.items() if v is not None})
     kind = metrics.get("kind") or "text"
     elbo = _number(metrics.get("elbo"))
     return {

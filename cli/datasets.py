@@ -32,7 +32,7 @@ from pyro_lag.data import (
 IMAGE_SUFFIXES = (".npz", ".npy")
 SPLITS = ("train", "valid", "test")
 # The embedded default: the paper's synthetic corpus at a size that trains in minutes on a CPU.
-SYNTHETIC_DEFAULT = {"train": 2000, "valid": 500, "test": 500, "seed": 0}
+SYNTHETIC_DEFAULT = {"train": 4000, "valid": 500, "test": 500, "seed": 0}
 HELDOUT_SEED = 0  # the held-out validation subset does not move with the run's seed
 
 

@@ -21,8 +21,8 @@ from rich.console import Console
 from pyro_lag.training import METHODS, fit
 
 from . import datasets, settings
-from .console import make_console
 from .artifacts import (
+    MEAN_SPACE_POINTS,
     HistoryWriter,
     MeanSpaceRecorder,
     build_report,
@@ -35,7 +35,8 @@ from .artifacts import (
     write_diagnostics,
     write_history,
 )
-from .pairs import check_local_latents, default_model, make_pair
+from .console import make_console
+from .pairs import check_local_latents, make_pair
 from .progress import LiveMonitor, TrainingProgress
 from .rundir import (
     CONFIG_FILE,
@@ -49,112 +50,6 @@ from .rundir import (
     read_json,
     write_json,
 )
-
-# The embedded default run (no MODEL, no data): the paper's synthetic experiment, reduced.
-SYNTHETIC_EPOCHS = 10
-SYNTHETIC_BATCH_SIZE = 16
-SYNTHETIC_THREADS = 1
-DEFAULT_IW_SAMPLES = 100
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def check_device(device: Any, where: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``; CUDA only when this machine has it."""
-    if not isinstance(device, str) or not _DEVICE.match(device):
-        raise click.UsageError(f"{where}: device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise click.UsageError(f"{where} {device}: CUDA is not available on this machine (no GPU, or torch built without CUDA)")
-        index = int(device.split(":")[1]) if ":" in device else 0
-        if index >= torch.cuda.device_count():
-            raise click.UsageError(f"{where} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
-def _pick(*values: Any) -> Any:
-    """The first value that is not None."""
-    return next((v for v in values if v is not None), None)
-
-
-def resolve_config(flags: dict[str, Any], user: dict[str, Any], stored: Optional[dict[str, Any]]) -> dict[str, Any]:
-    """The run's full settings: flags over the config file over the resumed run over defaults."""
-    data_flags = {k: flags[k] for k in ("path", "train", "valid", "test") if flags.get(k) is not None}
-    user_data = dict(user.get("data") or {})
-    if data_flags:
-        data = datasets.resolve_data(**data_flags, valid_size=user_data.get("valid_size"))
-    elif user_data or user.get("synthetic"):
-        data = datasets.resolve_data(**user_data, synthetic=user.get("synthetic"))
-    elif stored is not None:
-        data = stored["data"]
-    else:
-        data = datasets.resolve_data()
-    kind = datasets.data_kind(data)
-    synthetic = data["source"] == "synthetic"
-    base = stored or {}
-
-    def setting(key: str, default: Any) -> Any:
-        return _pick(flags.get(key), user.get(key), base.get(key), default)
-
-    fit_options = dict(base.get("fit") or {"iw_samples": DEFAULT_IW_SAMPLES})
-    fit_options.update(user.get("fit") or {})
-    for key in ("beta", "free_bits"):
-        if flags.get(key) is not None:
-            fit_options[key] = flags[key]
-    config = {
-        "model": setting("model", default_model(kind, synthetic)),
-        "preset": setting("preset", settings.DEFAULTS["preset"]),
-        "method": setting("method", settings.DEFAULTS["method"]),
-        "anneal": bool(setting("anneal", settings.DEFAULTS["anneal"])),
-        "epochs": setting("epochs", SYNTHETIC_EPOCHS if synthetic else settings.DEFAULT_EPOCHS),
-        "batch_size": setting("batch_size", SYNTHETIC_BATCH_SIZE if synthetic else settings.DEFAULT_BATCH_SIZE[kind]),
-        "device": setting("device", settings.DEFAULTS["device"]),
-        "seed": setting("seed", settings.DEFAULTS["seed"]),
-        # Small models run fastest on one thread, and a busy second core stalls two.
-        "threads": setting("threads", SYNTHETIC_THREADS if synthetic else None),
-        "model_options": dict(_pick(user.get("model_options"), base.get("model_options"), {})),
-        "fit": fit_options,
-        "data": data,
-    }
-    _check_config(config)
-    return config
-
-
-def _check_int(config: dict[str, Any], key: str, minimum: int) -> None:
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise click.UsageError(f"{key} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_config(config: dict[str, Any]) -> None:
-    """Refuse settings that cannot work together, before anything is loaded."""
-    if not isinstance(config["model"], str) or not config["model"]:
-        raise click.UsageError(f"model must be a name or package.module:factory, got {config['model']!r}")
-    if config["method"] not in METHODS:
-        raise click.UsageError(f"method must be one of {', '.join(METHODS)}, got {config['method']!r}")
-    _check_int(config, "epochs", 1)
-    _check_int(config, "batch_size", 1)
-    _check_int(config, "seed", 0)
-    if config["threads"] is not None:
-        _check_int(config, "threads", 1)
-    check_device(config["device"], "--device")
-    if config["anneal"] and config["method"] != "aggressive":
-        raise click.UsageError(
-            f"--anneal combines KL annealing with --method aggressive, not {config['method']} "
-            "(use --method anneal for annealing alone)"
-        )
-    fit_options = config["fit"]
-    if config["method"] == "beta" and fit_options.get("beta") is None:
-        raise click.UsageError("--method beta needs a KL weight: --beta 0.5 (or beta in the [fit] table)")
-    if config["method"] == "free-bits" and fit_options.get("free_bits") is None:
-        raise click.UsageError("--method free-bits needs a floor in nats: --free-bits 0.5 (or free_bits in [fit])")
-    for key in ("beta", "free_bits"):
-        value = fit_options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise click.UsageError(f"{key} must be a non-negative number, got {value!r}")
-    iw = fit_options.get("iw_samples", 0)
-    if isinstance(iw, bool) or not isinstance(iw, int) or iw < 0:
-        raise click.UsageError(f"iw_samples must be a non-negative integer, got {iw!r}")
-
 
 def _default_out(config: dict[str, Any]) -> Path:
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", config["model"]).strip("-") or "run"
@@ -200,7 +95,7 @@ def fit_cmd(model: Optional[str], config_file: Optional[str], out: Optional[str]
     flags["model"] = model
     user = settings.load_config_file(config_file) if config_file else {}
     stored = _stored_config(out, resume)
-    config = resolve_config(flags, user, stored)
+    config = settings.resolve_config(flags, user, stored)
     if stored is not None:
         difference = settings.first_difference(stored, config)
         if difference is not None:
@@ -287,22 +182,25 @@ def _train(console: Console, run: RunDirectory, config: dict[str, Any], handle, 
     """Call :func:`pyro_lag.fit` with the progress display and the per-epoch writers."""
     previous = read_json(run.file(METRICS_FILE))["history"] if resume and run.file(METRICS_FILE).is_file() else []
     callbacks: list[Any] = [HistoryWriter(run, previous)]
-    monitor = None
+    monitor, recorder = None, None
     if has_latents:
         monitor_batch = to_device(next(iter(valid.iter_from(0, 0))), device)
         monitor = LiveMonitor(handle.model, handle.guide, monitor_batch)
         if mean_space_supported(handle):
-            points = collect_batches(valid, 200, device)
-            callbacks.append(MeanSpaceRecorder(run, handle, points))
+            recorder = MeanSpaceRecorder(run, handle, collect_batches(valid, MEAN_SPACE_POINTS, device))
+            callbacks.append(recorder)
     first_epoch = len(previous) + 1
     progress = TrainingProgress(console, config["epochs"], len(train), monitor, first_epoch=first_epoch)
     with progress:
-        return fit(
+        result = fit(
             handle.model, handle.guide, train, valid, test,
             method=config["method"], anneal=config["anneal"], epochs=config["epochs"], kind=splits.kind,
             device=device, seed=config["seed"], run_dir=run.checkpoints, resume=resume,
             callbacks=[progress, *callbacks], **config["fit"],
         )
+    if recorder is not None:
+        recorder.final(result.best_epoch)
+    return result
 
 
 def _print_start(console: Console, config: dict[str, Any], splits, run: RunDirectory, marker: dict[str, Any],

@@ -24,6 +24,7 @@ from pyro_lag.training import BEST_CHECKPOINT, LAST_CHECKPOINT
 from .artifacts import eval_source, to_device
 from .datasets import Splits, load_splits
 from .pairs import PairHandle, make_pair
+from .settings import check_device
 from .rundir import CONFIG_FILE, METRICS_FILE, VOCAB_FILE, RunDirectory, read_json
 
 
@@ -55,8 +56,6 @@ class LoadedRun:
 
 def pick_device(requested: Optional[str], config: Mapping[str, Any]) -> torch.device:
     """``requested``, else the run's device when available, else the CPU."""
-    from .fit_cmd import check_device
-
     if requested is not None:
         check_device(requested, "--device")
         return torch.device(requested)

@@ -58,6 +58,7 @@ def main() -> None:
 
     Train with `pyro-lag fit` (no argument: the paper's synthetic experiment), then
     inspect a run directory with `eval`, `report`, `sample` and `compare`.
+    Errors are one line; set PYRO_LAG_TRACEBACK=1 to see the full traceback.
     """
 
 

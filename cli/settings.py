@@ -34,13 +34,20 @@ Relative paths in the file are relative to the file's folder.
 from __future__ import annotations
 
 import hashlib
+import re
 import inspect
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import click
+import torch
+
+from pyro_lag.training import METHODS, fit
+
+from .datasets import data_kind, resolve_data
+from .pairs import default_model
 
 TOP_KEYS = ("model", "preset", "method", "anneal", "epochs", "batch_size", "device", "seed", "threads")
 DATA_KEYS = ("path", "train", "valid", "test", "valid_size")
@@ -65,12 +72,18 @@ DEFAULTS: dict[str, Any] = {
 }
 DEFAULT_EPOCHS = 10
 DEFAULT_BATCH_SIZE = {"text": 32, "image": 50}
+DEFAULT_IW_SAMPLES = 100
+# The embedded default run (no MODEL, no data): the paper's synthetic experiment, reduced
+# (batch size as in the paper; one thread: small LSTMs gain nothing from more, and a busy
+# second core stalls them).
+SYNTHETIC_EPOCHS = 10
+SYNTHETIC_BATCH_SIZE = 16
+SYNTHETIC_THREADS = 1
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def fit_option_names() -> list[str]:
     """The keyword arguments of :func:`pyro_lag.fit` that a ``[fit]`` table may set."""
-    from pyro_lag.training import fit
-
     return [name for name in inspect.signature(fit).parameters if name not in _FIT_RESERVED]
 
 
@@ -133,3 +146,100 @@ def first_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str | No
         if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             return f"{key}={json.dumps(a, default=str)} (now {json.dumps(b, default=str)})"
     return None
+
+
+def check_device(device: Any, where: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:N``; CUDA only when this machine has it."""
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise click.UsageError(f"{where}: device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise click.UsageError(f"{where} {device}: CUDA is not available on this machine (no GPU, or torch built without CUDA)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise click.UsageError(f"{where} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def _pick(*values: Any) -> Any:
+    """The first value that is not None."""
+    return next((v for v in values if v is not None), None)
+
+
+def resolve_config(flags: dict[str, Any], user: dict[str, Any], stored: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The run's full settings: flags over the config file over the resumed run over defaults."""
+    data_flags = {k: flags[k] for k in ("path", "train", "valid", "test") if flags.get(k) is not None}
+    user_data = dict(user.get("data") or {})
+    if data_flags:
+        data = resolve_data(**data_flags, valid_size=user_data.get("valid_size"))
+    elif user_data or user.get("synthetic"):
+        data = resolve_data(**user_data, synthetic=user.get("synthetic"))
+    elif stored is not None:
+        data = stored["data"]
+    else:
+        data = resolve_data()
+    kind = data_kind(data)
+    synthetic = data["source"] == "synthetic"
+    base = stored or {}
+
+    def setting(key: str, default: Any) -> Any:
+        return _pick(flags.get(key), user.get(key), base.get(key), default)
+
+    fit_options = dict(base.get("fit") or {"iw_samples": DEFAULT_IW_SAMPLES})
+    fit_options.update(user.get("fit") or {})
+    for key in ("beta", "free_bits"):
+        if flags.get(key) is not None:
+            fit_options[key] = flags[key]
+    config = {
+        "model": setting("model", default_model(kind, synthetic)),
+        "preset": setting("preset", DEFAULTS["preset"]),
+        "method": setting("method", DEFAULTS["method"]),
+        "anneal": bool(setting("anneal", DEFAULTS["anneal"])),
+        "epochs": setting("epochs", SYNTHETIC_EPOCHS if synthetic else DEFAULT_EPOCHS),
+        "batch_size": setting("batch_size", SYNTHETIC_BATCH_SIZE if synthetic else DEFAULT_BATCH_SIZE[kind]),
+        "device": setting("device", DEFAULTS["device"]),
+        "seed": setting("seed", DEFAULTS["seed"]),
+        "threads": setting("threads", SYNTHETIC_THREADS if synthetic else None),
+        "model_options": dict(_pick(user.get("model_options"), base.get("model_options"), {})),
+        "fit": fit_options,
+        "data": data,
+    }
+    _check_config(config)
+    return config
+
+
+def _check_int(config: dict[str, Any], key: str, minimum: int) -> None:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise click.UsageError(f"{key} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """Refuse settings that cannot work together, before anything is loaded."""
+    if not isinstance(config["model"], str) or not config["model"]:
+        raise click.UsageError(f"model must be a name or package.module:factory, got {config['model']!r}")
+    if config["method"] not in METHODS:
+        raise click.UsageError(f"method must be one of {', '.join(METHODS)}, got {config['method']!r}")
+    _check_int(config, "epochs", 1)
+    _check_int(config, "batch_size", 1)
+    _check_int(config, "seed", 0)
+    if config["threads"] is not None:
+        _check_int(config, "threads", 1)
+    check_device(config["device"], "--device")
+    if config["anneal"] and config["method"] != "aggressive":
+        raise click.UsageError(
+            f"--anneal combines KL annealing with --method aggressive, not {config['method']} "
+            "(use --method anneal for annealing alone)"
+        )
+    fit_options = config["fit"]
+    if config["method"] == "beta" and fit_options.get("beta") is None:
+        raise click.UsageError("--method beta needs a KL weight: --beta 0.5 (or beta in the [fit] table)")
+    if config["method"] == "free-bits" and fit_options.get("free_bits") is None:
+        raise click.UsageError("--method free-bits needs a floor in nats: --free-bits 0.5 (or free_bits in [fit])")
+    for key in ("beta", "free_bits"):
+        value = fit_options.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise click.UsageError(f"{key} must be a non-negative number, got {value!r}")
+    iw = fit_options.get("iw_samples", 0)
+    if isinstance(iw, bool) or not isinstance(iw, int) or iw < 0:
+        raise click.UsageError(f"iw_samples must be a non-negative integer, got {iw!r}")

@@ -276,7 +276,8 @@ def test_fit_writes_a_complete_run_directory(text_run):
     assert "data:image/png;base64," in html  # plots embedded, nothing fetched
     assert "Posterior mean space" in html
     spaces = read_json(text_run / "posterior_mean_space.json")
-    assert spaces["points"] == 16 and set(spaces["epochs"]) == {"1"}
+    assert spaces["points"] == 16 and list(spaces["snapshots"]) == ["epoch 1", "end"]
+    assert spaces["snapshots"]["epoch 1"]["label"] == "epoch 1 (aggressive)"
 
 
 def test_fit_prints_progress_summary_and_paths(workdir):
@@ -384,8 +385,9 @@ def test_compare_prints_and_writes_the_table(workdir, text_run, tmp_path):
     rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
     assert [r["run"] for r in rows] == ["text-run", "printed"]
     assert [r["method"] for r in rows] == ["aggressive", "standard"]
-    first_eval = read_json(text_run / "eval.json")["metrics"] if (text_run / "eval.json").is_file() else None
-    first = first_eval or read_json(text_run / "metrics.json")["final"]
+    first = read_json(text_run / "metrics.json")["final"]
+    if (text_run / "eval.json").is_file() and read_json(text_run / "eval.json")["data"] == "test":
+        first = read_json(text_run / "eval.json")["metrics"]  # a later eval of the test set wins
     assert float(rows[0]["iw_nll"]) == pytest.approx(first["iw_nll"])
     assert float(rows[1]["kl"]) == pytest.approx(read_json(other / "metrics.json")["final"]["kl"])
     times = [read_json(p / "metrics.json")["training_time"] for p in (text_run, other)]
@@ -405,6 +407,17 @@ def test_second_fit_into_a_run_directory_refuses(workdir, text_run):
     before = (text_run / "run.json").read_text()
     result = invoke("fit", "--config", workdir / "tiny.toml", "--out", text_run)
     assert_user_error(result, "already holds run", "--resume")
+    assert (text_run / "run.json").read_text() == before
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX advisory locks")
+def test_a_run_in_training_refuses_a_second_process_even_with_resume(text_run):
+    import fcntl
+
+    before = (text_run / "run.json").read_text()
+    with open(text_run / ".lock", "a+") as handle:  # as a training process holds it
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert_user_error(invoke("fit", "--out", text_run, "--resume"), "is in use")
     assert (text_run / "run.json").read_text() == before
 
 
