@@ -156,8 +156,7 @@ def data_kind(spec: Mapping[str, Any]) -> str:
 def describe(spec: Mapping[str, Any]) -> str:
     """A short human description of a data spec, for the console."""
     if spec["source"] == "synthetic":
-        return (f"synthetic corpus (He et al. 2019 generator, seed {spec['seed']}): "
-                f"{spec['train']} train / {spec['valid']} valid / {spec['test']} test sentences")
+        return f"synthetic corpus (He et al. 2019 generator, seed {spec['seed']})"
     parts = []
     for split in SPLITS:
         entry = spec.get(split)

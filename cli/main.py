@@ -22,6 +22,8 @@ class PyroLagGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:
+            raise
         except USER_ERRORS as exc:
             if os.environ.get("PYRO_LAG_TRACEBACK"):
                 raise
@@ -48,6 +50,9 @@ class PyroLagGroup(click.Group):
         except click.Abort:
             click.echo("Error: aborted", err=True)
             sys.exit(130)
+        except BrokenPipeError:  # output piped into a reader that stopped (`| head`): not an error
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
         sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -108,7 +108,10 @@ class TrainingProgress:
             self.progress.reset(self.task, total=info["steps"], epoch=self._epoch, epochs=self.epochs, status="")
         if self.monitor is not None and (info["step"] % self.monitor_every == 0 or info["step"] == 1):
             self.live.update(self.monitor())
-        self.progress.update(self.task, completed=info["step"], status=self._status(info))
+        status = self._status(info)
+        if info["step"] == info["steps"]:
+            status += "  validating…"
+        self.progress.update(self.task, completed=info["step"], status=status)
 
     def on_epoch_end(self, row: Mapping[str, Any]) -> None:
         self.progress.console.print(epoch_line(row, self.epochs), soft_wrap=True, highlight=False, markup=False)
