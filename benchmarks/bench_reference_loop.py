@@ -1,0 +1,145 @@
+"""AggressiveSVI against the paper's training loop in plain PyTorch, on identical work.
+
+Both train the same LSTM text VAE (two copies of one initialisation) on the same PTB
+slice, batch order and inner-step batches, with SGD lr 1.0 for encoder and decoder
+separately, gradient clipping 5.0, the loss averaged over the batch, and exactly
+``--inner-steps`` guide-only steps per model step (the stop rule is switched off on
+both sides so they do the same number of steps). The reference back-propagates into
+every parameter in each inner step, as its code does; AggressiveSVI freezes the
+decoder there (and the encoder in the model step). AggressiveSVI is set up as
+``pyro_lag.fit`` sets it up (per-example loss scale, separate guide optimizer).
+
+    python benchmarks/bench_reference_loop.py [--device cuda] [--kl closed|mc]
+
+Figures: time per model step (inner loop plus model step) and per epoch, as
+AggressiveSVI / reference; and the two kinds of step one by one.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.optim
+from pyro import poutine
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pyro_lag import AggressiveSVI  # noqa: E402
+from pyro_lag.data import TextBatches  # noqa: E402
+
+try:
+    from benchmarks import bench_common as common
+    from benchmarks.reference_loop import ReferenceAggressiveLoop
+except ImportError:  # run as a script from the benchmarks folder
+    import bench_common as common
+    from reference_loop import ReferenceAggressiveLoop
+
+LOSSES = {"closed": TraceMeanField_ELBO, "mc": Trace_ELBO}
+
+
+def per_example(fn):
+    """Scale a program's log-densities by 1/batch size, as ``pyro_lag.fit`` does (the reference's batch mean)."""
+
+    def scaled(x):
+        with poutine.scale(scale=1.0 / x.shape[0]):
+            return fn(x)
+
+    return scaled
+
+
+def aggressive_svi(pair, train: TextBatches, *, inner_steps: int, kl: str) -> AggressiveSVI:
+    """AggressiveSVI configured like ``fit`` for text, with the inner loop fixed at ``inner_steps``."""
+    return AggressiveSVI(
+        per_example(pair.model), per_example(pair.guide), pyro.optim.SGD({"lr": 1.0}), LOSSES[kl](),
+        guide_batches=train.sample, guide_optim=pyro.optim.SGD({"lr": 1.0}),
+        max_inner_steps=inner_steps, check_every=10**9, clip_norm=5.0,
+        inner_loss_normalizer=lambda args, kwargs: float(args[0].shape[1] - 1),
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__)
+    p.add_argument("--kl", choices=sorted(LOSSES), default="closed",
+                   help="closed-form KL (the reference; TraceMeanField_ELBO) or Monte Carlo (Trace_ELBO)")
+    p.add_argument("--inner-steps", type=int, default=10)
+    p.add_argument("--lengths", default="20,21,22,23", help="sentence lengths of the PTB slice (with <s>, </s>)")
+    p.add_argument("--per-length", type=int, default=64, help="sentences of each length")
+    p.add_argument("--repeats", type=int, default=6, help="timed model steps (and single steps) per side")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per side")
+    args = p.parse_args(argv)
+    device = common.setup(args)
+
+    vocab = common.vocabulary(args.data)
+    lengths = [int(v) for v in args.lengths.split(",")]
+    corpus = common.ptb_slice(args.data, "train", vocab, lengths=lengths, per_length=args.per_length)
+    ref_train = TextBatches(corpus, args.batch_size, seed=args.seed, device=device)
+    svi_train = TextBatches(corpus, args.batch_size, seed=args.seed, device=device)
+    (x,) = next(iter(ref_train.iter_from(0, 0)))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    ref_pair = common.build_pair(args.size, len(vocab), device, seed=args.seed)
+    svi_pair = copy.deepcopy(ref_pair)
+    reference = ReferenceAggressiveLoop(
+        ref_pair, lambda: ref_train.sample()[0], lr=1.0, clip_grad=5.0,
+        max_inner_steps=args.inner_steps, check_every=None, kl=args.kl,
+    )
+    svi = aggressive_svi(svi_pair, svi_train, inner_steps=args.inner_steps, kl=args.kl)
+
+    # One by one: an inner step and a model step of each side on the same batch.
+    single = common.interleaved({
+        "reference_inner_step": lambda: reference.inner_step(x),
+        "svi_inner_step": lambda: svi.inner_step(x),
+        "reference_model_step": lambda: reference.model_step(x),
+        "svi_model_step": lambda: svi._model_step((x,), {}),
+    }, repeats=args.repeats * 2, warmup=2, device=device)
+    # A whole training step: the inner loop and the model step.
+    steps = common.interleaved({
+        "reference": lambda: reference.step(x),
+        "aggressive_svi": lambda: svi.step(x),
+    }, repeats=args.repeats, warmup=1, device=device)
+    assert reference.last_inner_steps == svi.last_inner_steps == args.inner_steps
+
+    def epoch(trainer, source):
+        def run():
+            for (batch,) in source:
+                trainer.step(batch)
+        return run
+
+    epochs = common.interleaved({
+        "reference": epoch(reference, ref_train),
+        "aggressive_svi": epoch(svi, svi_train),
+    }, repeats=args.epochs, warmup=0, device=device)
+
+    result = {
+        "what": "AggressiveSVI (configured as fit does) against the paper's loop in plain PyTorch, "
+                f"{args.inner_steps} inner steps per model step on both sides",
+        "kl": args.kl,
+        "loss": LOSSES[args.kl].__name__,
+        "torch_device": str(device),
+        "inner_steps_per_model_step": args.inner_steps,
+        "batch_shape": list(x.shape),
+        "train_sentences": len(corpus),
+        "batches_per_epoch": len(ref_train),
+        "per_model_step": {name: common.timing(t) for name, t in steps.items()},
+        "per_epoch": {name: common.timing(t) for name, t in epochs.items()},
+        "single_steps": {name: common.timing(t) for name, t in single.items()},
+        "model_step_ratio": common.ratio(steps["aggressive_svi"], steps["reference"]),
+        "epoch_ratio": common.ratio(epochs["aggressive_svi"], epochs["reference"]),
+        "inner_step_ratio": common.ratio(single["svi_inner_step"], single["reference_inner_step"]),
+        "model_only_step_ratio": common.ratio(single["svi_model_step"], single["reference_model_step"]),
+        "target": "aggressive epoch <= 0.8 x the reference loop's",
+    }
+    result["target_met"] = result["epoch_ratio"]["median"] <= 0.8
+    path = common.save("reference_loop", result, args)
+    print(f"per model step: AggressiveSVI / reference = {result['model_step_ratio']['median']:.3f}; "
+          f"per epoch: {result['epoch_ratio']['median']:.3f} "
+          f"(inner step {result['inner_step_ratio']['median']:.3f}, "
+          f"model step {result['model_only_step_ratio']['median']:.3f}); written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
