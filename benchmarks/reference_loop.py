@@ -131,22 +131,28 @@ class ReferenceAggressiveLoop:
         return float(loss.mean())
 
     def inner_loop(self, x: torch.Tensor) -> int:
-        """Encoder steps until the windowed loss per token stops falling; returns how many were taken."""
+        """Encoder steps until the windowed loss per token stops falling; returns how many were taken.
+
+        The first step uses ``x``, each later one a fresh random batch. (The reference draws
+        the next batch at the end of every step, the last one's unused; drawing it only when
+        it is used gives the same batches and matches AggressiveSVI's sequence of draws.)
+        """
         batch = x
         window_loss, window_words, previous = 0.0, 0, math.inf
         steps = 0
-        while steps < self.max_inner_steps:
+        while True:
             window_words += (batch.shape[1] - 1) * batch.shape[0]
             window_loss += self.inner_step(batch)
             steps += 1
-            batch = self.sample_batch()
             if self.check_every is not None and steps % self.check_every == 0:
                 current = window_loss / window_words
                 if current > previous:
-                    break
+                    return steps
                 previous = current
                 window_loss, window_words = 0.0, 0
-        return steps
+            if steps >= self.max_inner_steps:
+                return steps
+            batch = self.sample_batch()
 
     def step(self, x: torch.Tensor) -> float:
         """One training step of the reference: the inner loop while aggressive, then the model step."""

@@ -1,0 +1,69 @@
+"""One inner (guide-only) step of AggressiveSVI against one full ``pyro.infer.SVI`` step, interleaved.
+
+The set-up of ``inner_step.py`` (same network, Trace_ELBO, SGD, one batch of typical
+length), with the calls interleaved so that the machine's load falls on both alike, and
+the ratio's spread over the repeats. The inner step freezes the model's parameters, so
+autograd never computes the decoder's weight gradients; that is what it can save.
+
+    python benchmarks/bench_inner_step.py [--device cuda]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.optim
+from pyro.infer import SVI, Trace_ELBO
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pyro_lag import AggressiveSVI  # noqa: E402
+from pyro_lag.data import TextBatches  # noqa: E402
+
+try:
+    from benchmarks import bench_common as common
+except ImportError:  # run as a script from the benchmarks folder
+    import bench_common as common
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__)
+    p.add_argument("--length", type=int, default=22, help="sentence length of the batch (with <s>, </s>)")
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args(argv)
+    device = common.setup(args)
+
+    vocab = common.vocabulary(args.data)
+    corpus = common.ptb_slice(args.data, "train", vocab, lengths=[args.length], per_length=args.batch_size)
+    (x,) = next(iter(TextBatches(corpus, args.batch_size, device=device).iter_from(0, 0)))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    pair = common.build_pair(args.size, len(vocab), device, seed=args.seed)
+    plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
+    aggressive = AggressiveSVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
+    aggressive.split_params(x)
+
+    times = common.interleaved({
+        "full_svi_step": lambda: plain.step(x),
+        "inner_step": lambda: aggressive.inner_step(x),
+        "model_only_step": lambda: aggressive._model_step((x,), {}),
+    }, repeats=args.repeats, warmup=2, device=device)
+    result = {
+        "what": "AggressiveSVI inner (guide-only) step and model-only step against a full pyro.infer.SVI step",
+        "torch_device": str(device),
+        "batch_shape": list(x.shape),
+        "per_step": {name: common.timing(t) for name, t in times.items()},
+        "inner_over_full": common.ratio(times["inner_step"], times["full_svi_step"]),
+        "model_only_over_full": common.ratio(times["model_only_step"], times["full_svi_step"]),
+        "target": "inner step <= 0.8 x a full step",
+    }
+    result["target_met"] = result["inner_over_full"]["median"] <= 0.8
+    path = common.save("inner_vs_full_step", result, args)
+    print(f"inner step / full SVI step = {result['inner_over_full']['median']:.3f}, model-only step / full = "
+          f"{result['model_only_over_full']['median']:.3f}; written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
