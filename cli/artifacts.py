@@ -13,7 +13,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from pyro_lag.report import write_report as _write_report
 from pyro_lag.sites import normalize_batch
 
 from .datasets import Splits, make_batches, token_count
@@ -266,13 +265,15 @@ def read_diagnostics(run: RunDirectory) -> Any:
 def build_report(run: RunDirectory, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
                  metrics: Mapping[str, Any], idata: Any, samples: Optional[Mapping[str, Any]], kind: str) -> Path:
     """report.html from the run's results (written beside them)."""
+    from pyro_lag.report import write_report  # matplotlib: imported only when a report is made
+
     method = config["method"] + (" + anneal" if config.get("anneal") else "")
     usage = None
     if metrics.get("au_var") is not None:
         usage = {"au_var": np.asarray(metrics["au_var"], dtype=float)}
         if metrics.get("kl_dim") is not None:
             usage["kl"] = np.asarray(metrics["kl_dim"], dtype=float)
-    return _write_report(
+    return write_report(
         run.file(REPORT_FILE),
         title=f"pyro-lag: {config['model']} ({method})",
         config=config,

@@ -15,7 +15,7 @@ from . import compare as comparing
 from .console import make_console
 from .artifacts import build_report, collect_batches, make_samples, read_diagnostics, write_diagnostics
 from .datasets import SPLITS, load_eval_file, make_batches, token_count
-from .loading import load_run
+from .loading import open_run
 from .rundir import EVAL_FILE, REPORT_FILE, write_json, write_text_atomic
 
 
@@ -59,24 +59,24 @@ def _evaluate(loaded, batches: Any, iw_samples: int) -> dict[str, Any]:
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def eval_cmd(run_dir: str, data_path: Optional[str], iw_samples: int, batch_size: Optional[int], device: Optional[str]) -> None:
     """Evaluate a run's best parameters: IW-NLL, ELBO, KL, MI, active units (and perplexity for text)."""
-    loaded = load_run(run_dir, device)
-    size = batch_size or loaded.config["batch_size"]
-    if data_path is not None:
-        data = load_eval_file(data_path, loaded.kind, loaded.splits.vocab)
-        label = str(Path(data_path).resolve())
-    else:
-        split = loaded.eval_split
-        data, label = getattr(loaded.splits, split), split
-    batches = make_batches(data, loaded.kind, size, seed=loaded.config["seed"], train=False)
-    device_batches = _on_device(batches, loaded.device)
-    with _console().status(f"evaluating on {label} with {iw_samples} importance samples…"):
-        metrics = _evaluate(loaded, device_batches, iw_samples)
-    metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
-    metrics.update(iw_samples=iw_samples, kind=loaded.kind, evaluated_on=label)
-    if loaded.kind == "text":
-        metrics["num_tokens"] = token_count(data)
-    write_json(loaded.run.file(EVAL_FILE), {"data": label, "iw_samples": iw_samples, "metrics": metrics})
-    _print_metrics(_console(), metrics, loaded.kind, title=f"{loaded.run.path} on {label}")
+    with open_run(run_dir, device) as loaded:
+        size = batch_size or loaded.config["batch_size"]
+        if data_path is not None:
+            data = load_eval_file(data_path, loaded.kind, loaded.splits.vocab)
+            label = str(Path(data_path).resolve())
+        else:
+            split = loaded.eval_split
+            data, label = getattr(loaded.splits, split), split
+        batches = make_batches(data, loaded.kind, size, seed=loaded.config["seed"], train=False)
+        device_batches = _on_device(batches, loaded.device)
+        with _console().status(f"evaluating on {label} with {iw_samples} importance samples…"):
+            metrics = _evaluate(loaded, device_batches, iw_samples)
+        metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
+        metrics.update(iw_samples=iw_samples, kind=loaded.kind, evaluated_on=label)
+        if loaded.kind == "text":
+            metrics["num_tokens"] = token_count(data)
+        write_json(loaded.run.file(EVAL_FILE), {"data": label, "iw_samples": iw_samples, "metrics": metrics})
+        _print_metrics(_console(), metrics, loaded.kind, title=f"{loaded.run.path} on {label}")
 
 
 def _on_device(source: Any, device: Any) -> list[Any]:
@@ -115,21 +115,21 @@ def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: 
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def report_cmd(run_dir: str, device: Optional[str]) -> None:
     """Rebuild RUN_DIR/report.html from the run's files (verdict, curves, usage, samples)."""
-    loaded = load_run(run_dir, device)
-    saved = loaded.metrics_file()
-    if saved is None or saved.get("final") is None:
-        raise click.UsageError(f"run {loaded.run.path} has no final metrics yet (status {loaded.marker.get('status')}); "
-                               "finish or resume it first")
-    history, metrics = saved["history"], saved["final"]
-    split = metrics.get("evaluated_on") if metrics.get("evaluated_on") in SPLITS else loaded.eval_split
-    batches = collect_batches(loaded.source(split), 8, loaded.device)
-    idata = read_diagnostics(loaded.run)
-    if idata is None:
-        has_latents = loaded.handle.latent_dim != 0 and not saved.get("decoder_only")
-        idata = write_diagnostics(loaded.run, loaded.handle, batches[0] if has_latents else None, history, metrics)
-    samples = make_samples(loaded.handle, loaded.splits, batches, 8, loaded.config["seed"])
-    path = build_report(loaded.run, loaded.config, history, metrics, idata, samples, loaded.kind)
-    click.echo(str(path))
+    with open_run(run_dir, device) as loaded:
+        saved = loaded.metrics_file()
+        if saved is None or saved.get("final") is None:
+            raise click.UsageError(f"run {loaded.run.path} has no final metrics yet (status {loaded.marker.get('status')}); "
+                                   "finish or resume it first")
+        history, metrics = saved["history"], saved["final"]
+        split = metrics.get("evaluated_on") if metrics.get("evaluated_on") in SPLITS else loaded.eval_split
+        batches = collect_batches(loaded.source(split), 8, loaded.device)
+        idata = read_diagnostics(loaded.run)
+        if idata is None:
+            has_latents = loaded.handle.latent_dim != 0 and not saved.get("decoder_only")
+            idata = write_diagnostics(loaded.run, loaded.handle, batches[0] if has_latents else None, history, metrics)
+        samples = make_samples(loaded.handle, loaded.splits, batches, 8, loaded.config["seed"])
+        path = build_report(loaded.run, loaded.config, history, metrics, idata, samples, loaded.kind)
+        click.echo(str(path))
 
 
 # ------------------------------------------------------------------------------ sample
@@ -163,29 +163,29 @@ def _image_grid_png(path: Path, rows: list[np.ndarray]) -> None:
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def sample_cmd(run_dir: str, n: int, source: str, seed: int, out: Optional[str], device: Optional[str]) -> None:
     """Print sentences (text runs) or write an image grid PNG (image runs) from a trained model."""
-    loaded = load_run(run_dir, device)
-    if not loaded.handle.can("sample_prior") or not loaded.handle.can("reconstruct"):
-        raise click.UsageError(f"model '{loaded.config['model']}' has no sample_prior/reconstruct methods to sample with")
-    if loaded.handle.latent_dim == 0 and source == "reconstruction":
-        raise click.UsageError("a decoder-only model has no latent to reconstruct from; use --from prior")
-    batches = collect_batches(loaded.source(loaded.eval_split), n, loaded.device) if source == "reconstruction" else []
-    samples = make_samples(loaded.handle, loaded.splits, batches, n, seed, source=source)
-    if loaded.kind == "text":
-        if source == "prior":
-            for sentence in samples["prior"]:
-                click.echo(sentence)
-        else:
-            for original, output in samples["reconstructions"]:
-                click.echo(f"{original}\t{output}")
-        return
-    target = Path(out) if out is not None else loaded.run.file(f"samples-{source}.png")
-    if target.suffix.lower() != ".png":
-        raise click.UsageError(f"--out {target}: the image grid is written as .png")
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"--out {target}: folder {target.parent} does not exist")
-    rows = [samples["prior"]] if source == "prior" else list(samples["reconstructions"])
-    _image_grid_png(target, rows)
-    click.echo(str(target))
+    with open_run(run_dir, device) as loaded:
+        if not loaded.handle.can("sample_prior") or not loaded.handle.can("reconstruct"):
+            raise click.UsageError(f"model '{loaded.config['model']}' has no sample_prior/reconstruct methods to sample with")
+        if loaded.handle.latent_dim == 0 and source == "reconstruction":
+            raise click.UsageError("a decoder-only model has no latent to reconstruct from; use --from prior")
+        batches = collect_batches(loaded.source(loaded.eval_split), n, loaded.device) if source == "reconstruction" else []
+        samples = make_samples(loaded.handle, loaded.splits, batches, n, seed, source=source)
+        if loaded.kind == "text":
+            if source == "prior":
+                for sentence in samples["prior"]:
+                    click.echo(sentence)
+            else:
+                for original, output in samples["reconstructions"]:
+                    click.echo(f"{original}\t{output}")
+            return
+        target = Path(out) if out is not None else loaded.run.file(f"samples-{source}.png")
+        if target.suffix.lower() != ".png":
+            raise click.UsageError(f"--out {target}: the image grid is written as .png")
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"--out {target}: folder {target.parent} does not exist")
+        rows = [samples["prior"]] if source == "prior" else list(samples["reconstructions"])
+        _image_grid_png(target, rows)
+        click.echo(str(target))
 
 
 # ------------------------------------------------------------------------------ compare

@@ -7,11 +7,10 @@ run.json says ``running`` until the last result file is written.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import click
 import pyro
@@ -58,10 +57,15 @@ def _default_out(config: dict[str, Any]) -> Path:
 
 
 def _stored_config(out: Optional[str], resume: bool) -> Optional[dict[str, Any]]:
+    """The settings of the run that ``--resume`` continues (refused early when there is none)."""
     if not resume or out is None:
         return None
-    path = Path(out) / CONFIG_FILE
-    return read_json(path) if path.is_file() else None
+    run = RunDirectory(Path(out))
+    if not run.path.is_dir():
+        raise click.UsageError(f"--resume: run directory {run.path} does not exist; nothing to resume")
+    if run.marker() is None or not run.file(CONFIG_FILE).is_file():
+        raise click.UsageError(f"--resume: {run.path} holds no run ({RUN_FILE} or {CONFIG_FILE} missing); nothing to resume")
+    return read_json(run.file(CONFIG_FILE))
 
 
 @click.command("fit")
@@ -101,20 +105,8 @@ def fit_cmd(model: Optional[str], config_file: Optional[str], out: Optional[str]
         if difference is not None:
             raise click.UsageError(f"--resume: run {out} was made with {difference}; resume with the same settings")
 
-    with torch_threads(config["threads"]):
+    with settings.torch_threads(config["threads"]):
         _run(console, config, out, resume, stored)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: Optional[int]) -> Iterator[None]:
-    """Use ``threads`` CPU threads in torch for the duration (None: leave torch's setting)."""
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: bool,

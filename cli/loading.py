@@ -7,9 +7,10 @@ best was written). Checkpoints are read weights-only.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import click
 import pyro
@@ -24,7 +25,7 @@ from pyro_lag.training import BEST_CHECKPOINT, LAST_CHECKPOINT
 from .artifacts import eval_source, to_device
 from .datasets import Splits, load_splits
 from .pairs import PairHandle, make_pair
-from .settings import check_device
+from .settings import check_device, torch_threads
 from .rundir import CONFIG_FILE, METRICS_FILE, VOCAB_FILE, RunDirectory, read_json
 
 
@@ -71,6 +72,14 @@ def _register_params(handle: PairHandle, batch: Any) -> None:
     with torch.no_grad():
         guide_trace = poutine.trace(handle.guide).get_trace(*args, **kwargs)
         poutine.trace(poutine.replay(handle.model, trace=guide_trace)).get_trace(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def open_run(path: str | Path, device: Optional[str] = None) -> Iterator[LoadedRun]:
+    """:func:`load_run`, with torch using the run's CPU thread count while the block runs."""
+    config = read_json(RunDirectory.open(path).file(CONFIG_FILE))
+    with torch_threads(config.get("threads")):
+        yield load_run(path, device)
 
 
 def load_run(path: str | Path, device: Optional[str] = None) -> LoadedRun:

@@ -33,13 +33,14 @@ Relative paths in the file are relative to the file's folder.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import inspect
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import click
 import torch
@@ -160,6 +161,18 @@ def check_device(device: Any, where: str) -> str:
         if index >= torch.cuda.device_count():
             raise click.UsageError(f"{where} {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """Use ``threads`` CPU threads in torch for the duration (None: leave torch's setting)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _pick(*values: Any) -> Any:
