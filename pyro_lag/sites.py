@@ -5,19 +5,28 @@ hand-written guides, ``pyro.module`` or ``PyroModule`` parameters, and AutoGuide
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import inspect
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import pyro.distributions as dist
 from pyro import poutine
+from pyro.infer import ELBO
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
+from pyro.util import get_rng_state, set_rng_state
 
 Batch = Any
 """A batch: a tuple of positional args, a bare tensor (one-argument call), or an (args, kwargs) pair."""
+
+PARTICLE_PLATE = "num_particles_vectorized"
+"""The plate Pyro's ELBOs wrap around model and guide to vectorize particles: never a data plate."""
 
 
 class NoLocalLatentError(ValueError):
@@ -90,7 +99,7 @@ def find_data_plate(trace: Trace, data_plate: str | None = None) -> str:
             continue
         # cond_indep_stack lists the outermost plate first.
         for rank, frame in enumerate(site["cond_indep_stack"]):
-            if not frame.vectorized:
+            if not frame.vectorized or frame.name == PARTICLE_PLATE:
                 continue
             counts[frame.name] += 1
             outer_rank.setdefault(frame.name, rank)
@@ -250,6 +259,81 @@ def _connected(output: torch.Tensor, params: dict[str, torch.Tensor]) -> set[str
     return {n for n, g in zip(names, grads) if g is not None}
 
 
+class _DetachedDraws(Messenger):
+    """Draw each unset latent site here and hand the program a detached copy of the draw.
+
+    Entered outside a loss's own handlers, it sees a site last, once plates, particle
+    plates and enumeration have shaped it, and the trace records the detached value: a
+    model replayed against that trace depends on its own parameters only, never on the
+    guide's through a sample. The undetached draws are kept, since a guide parameter can
+    reach the loss only through a reparameterized sample (a point-mass guide).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["is_observed"] or msg["value"] is not None or msg["done"]:
+            return
+        value = msg["fn"](*msg["args"], **msg["kwargs"])
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            self.draws[msg["name"]] = value
+            value = value.detach()
+        msg["value"] = value
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leave the random streams (torch, CUDA, Python, NumPy) as they were, so a probe draws nothing from them."""
+    state = get_rng_state()
+    cuda_state = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state_all(cuda_state)
+
+
+def _loss_traces(loss: Any, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[Trace, Trace]:
+    """One (model, guide) trace pair built the way ``loss`` builds it.
+
+    An ELBO's own trace machinery applies its particle plate, enumeration and checks, so
+    the program runs exactly as under SVI; any other loss gets the guide traced and the
+    model replayed against it.
+    """
+    if isinstance(loss, ELBO):
+        traces = loss._get_traces(model, guide, args, kwargs)
+        try:
+            return next(iter(traces))
+        finally:
+            if inspect.isgenerator(traces):
+                traces.close()
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return model_trace, guide_trace
+
+
+def _log_density(trace: Trace, latent_only: bool) -> torch.Tensor | None:
+    """Sum of the unscaled log-densities of a trace's sample sites that carry a gradient."""
+    total = None
+    for site in trace.nodes.values():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        if latent_only and site["is_observed"]:
+            continue
+        log_p = site.get("unscaled_log_prob")
+        if log_p is None:
+            try:
+                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+            except NotImplementedError:  # a density the loss never evaluates (EnergyDistance)
+                continue
+        if isinstance(log_p, torch.Tensor) and log_p.requires_grad:
+            total = log_p.sum() if total is None else total + log_p.sum()
+    return total
+
+
 def probe_param_split(
     model: Callable,
     guide: Callable,
@@ -258,27 +342,30 @@ def probe_param_split(
     *,
     guide_params: Override = (),
     model_params: Override = (),
+    loss: Any = None,
 ) -> ParamSplit:
     """Split the parameters by gradient: phi feeds log q(z|x), theta feeds log p(x, z) at fixed z.
 
-    The guide is traced; its samples, detached, are replayed into the model. A parameter
-    in both is the model's; one in neither (TraceGraph_ELBO baselines) is ``other``.
-    Overrides force parameters to a side by name (glob) or module.
+    Model and guide run once, through ``loss``'s own trace machinery when it is an ELBO,
+    with every latent draw detached (see :class:`_DetachedDraws`). A parameter in both is
+    the model's; one in neither (TraceGraph_ELBO baselines) is ``other``. Overrides force
+    parameters to a side by name (glob) or module. The probe leaves the random streams as
+    it found them and emits no warning: the step that follows warns as SVI would.
     """
-    with poutine.trace(param_only=True) as capture:
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(
-            poutine.replay(model, trace=detach_trace(guide_trace))
-        ).get_trace(*args, **kwargs)
+    detached = _DetachedDraws()
+    with preserved_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with poutine.trace(param_only=True) as capture, detached:
+            model_trace, guide_trace = _loss_traces(loss, model, guide, args, kwargs)
     params = {
         name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
     }
-    guide_out = guide_trace.log_prob_sum()
-    for site in guide_trace.nodes.values():
-        if is_latent(site) and site["value"].requires_grad and site["value"].is_floating_point():
-            guide_out = guide_out + site["value"].sum()
+    guide_out = _log_density(guide_trace, latent_only=True)
+    for name, draw in detached.draws.items():
+        if name in guide_trace.nodes and draw.is_floating_point():
+            guide_out = draw.sum() if guide_out is None else guide_out + draw.sum()
     phi = _connected(guide_out, params)
-    theta = _connected(model_trace.log_prob_sum(), params)
+    theta = _connected(_log_density(model_trace, latent_only=False), params)
 
     try:
         find_data_plate(guide_trace)

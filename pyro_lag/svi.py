@@ -130,9 +130,12 @@ class AggressiveSVI(SVI):
         default: examples, the leading size of the first tensor argument.
     :param guide_params, model_params: override the gradient-probed split by parameter name
         (glob patterns allowed) or module.
-    :param aggressive: start in aggressive mode (default True). A guide with no local latent
-        (no latent sample site inside a vectorized plate) has no inference network to lag,
-        so its first step turns aggressive mode off and it trains as plain SVI.
+    :param aggressive: start in aggressive mode (default True). The first step probes the
+        program; one with nothing that can lag trains as plain SVI from that step on, with the
+        reason in :attr:`plain_reason`: a guide with no local latent (no latent sample site
+        inside a vectorized plate), a model with no parameters of its own, or a guide whose
+        parameters are all the model's. The probe draws nothing from the random streams, so
+        such a program trains exactly as under ``pyro.infer.SVI``.
     """
 
     def __init__(
@@ -191,6 +194,8 @@ class AggressiveSVI(SVI):
         # Inner and model-only steps freeze different parameters; a JIT loss compiles the set of
         # parameters it sees, so each kind of step gets its own copy of the ELBO object.
         self._elbo = loss if isinstance(loss, ELBO) and loss_and_grads is None else None
+        self._loss_object = loss
+        self.plain_reason: str | None = None
         self._step_losses: dict[str, Callable] = {}
 
     # ------------------------------------------------------------------ mode
@@ -256,6 +261,7 @@ class AggressiveSVI(SVI):
             self.model, self.guide, args, kwargs,
             guide_params=self.guide_params_override,
             model_params=self.model_params_override,
+            loss=self._loss_object,
         )
         return self._split
 
@@ -301,18 +307,31 @@ class AggressiveSVI(SVI):
     def step(self, *args: Any, **kwargs: Any) -> Any:
         """One model step: the inner guide-only loop and a model-only step while aggressive,
         a joint step otherwise. Returns the loss of the model step's batch, as SVI does."""
+        if self.aggressive and self._split is None:
+            self._probe_first_step(args, kwargs)
         if not self.aggressive:
             self.last_inner_steps = 0
             return self._joint_step(args, kwargs)
-        if self._split is None:
-            self.split_params(*args, **kwargs)
-            if not self._split.has_local_latent:
-                # Nothing amortized to lag behind: a guide of global latents trains as plain SVI.
-                self.stop_aggressive()
-                self.last_inner_steps = 0
-                return self._joint_step(args, kwargs)
         self.last_inner_steps = self._inner_loop(args, kwargs)
         return self._model_step(args, kwargs)
+
+    def _probe_first_step(self, args: tuple, kwargs: dict) -> None:
+        """Probe the parameter split on the first step; leave aggressive mode for a program with nothing to lag.
+
+        A probe that cannot run leaves the step to plain SVI: an invalid program then fails
+        with the ELBO's own error, exactly as under ``pyro.infer.SVI``, and a valid one
+        trains as plain SVI, with the reason kept in :attr:`plain_reason`.
+        """
+        try:
+            split = self.split_params(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001 -- the joint step raises the program's real error
+            self.plain_reason = f"the parameter probe failed ({type(error).__name__}: {error})"
+            self.stop_aggressive()
+            return
+        reason = _nothing_to_lag(split)
+        if reason is not None:
+            self.plain_reason = reason
+            self.stop_aggressive()
 
     def _joint_step(self, args: tuple, kwargs: dict) -> Any:
         if self.guide_optim is None and self.clip_norm is None:
@@ -366,6 +385,17 @@ class AggressiveSVI(SVI):
         self._apply(self.optim, stepped)
         zero_grads(params.values())
         return _item(loss)
+
+
+def _nothing_to_lag(split: ParamSplit) -> str | None:
+    """Why a program has no inference network that can lag behind its model, or None if it has one."""
+    if not split.has_local_latent:
+        return "the guide has no local latent (no latent site inside a vectorized plate)"
+    if not split.model:
+        return "the model has no parameters of its own: there is no generator for the guide to lag behind"
+    if not split.guide:
+        return "the guide has no parameters apart from the model's: inner steps would have nothing to train"
+    return None
 
 
 def _item(loss: Any) -> Any:
