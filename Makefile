@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/pyro-lag fit --out runs/default-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/pyro-lag fit
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
