@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from .rundir import (
 MEAN_SPACE_POINTS = 100  # data points in the posterior-mean-space picture
 # Grid for the model's true posterior mean: the prior N(0, 1) keeps posterior means well inside it.
 MEAN_SPACE_GRID = (-10.0, 10.0, 0.1)
-SAMPLE_COUNT = 8
+SAMPLE_COUNT = 8  # sentences or images from the prior, and reconstructions, in a report
 
 
 def _arviz():

@@ -12,15 +12,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import compare as comparing
+from .artifacts import SAMPLE_COUNT, build_report, collect_batches, make_samples, read_diagnostics, write_diagnostics
 from .console import make_console
-from .artifacts import build_report, collect_batches, make_samples, read_diagnostics, write_diagnostics
 from .datasets import SPLITS, load_eval_file, make_batches, token_count
 from .loading import open_run
-from .rundir import EVAL_FILE, REPORT_FILE, write_json, write_text_atomic
-
-
-def _console() -> Console:
-    return make_console()
+from .rundir import EVAL_FILE, write_json, write_text_atomic
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -69,14 +65,14 @@ def eval_cmd(run_dir: str, data_path: Optional[str], iw_samples: int, batch_size
             data, label = getattr(loaded.splits, split), split
         batches = make_batches(data, loaded.kind, size, seed=loaded.config["seed"], train=False)
         device_batches = _on_device(batches, loaded.device)
-        with _console().status(f"evaluating on {label} with {iw_samples} importance samples…"):
+        with make_console().status(f"evaluating on {label} with {iw_samples} importance samples…"):
             metrics = _evaluate(loaded, device_batches, iw_samples)
         metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
         metrics.update(iw_samples=iw_samples, kind=loaded.kind, evaluated_on=label)
         if loaded.kind == "text":
             metrics["num_tokens"] = token_count(data)
         write_json(loaded.run.file(EVAL_FILE), {"data": label, "iw_samples": iw_samples, "metrics": metrics})
-        _print_metrics(_console(), metrics, loaded.kind, title=f"{loaded.run.path} on {label}")
+        _print_metrics(make_console(), metrics, loaded.kind, title=f"{loaded.run.path} on {label}")
 
 
 def _on_device(source: Any, device: Any) -> list[Any]:
@@ -122,12 +118,12 @@ def report_cmd(run_dir: str, device: Optional[str]) -> None:
                                    "finish or resume it first")
         history, metrics = saved["history"], saved["final"]
         split = metrics.get("evaluated_on") if metrics.get("evaluated_on") in SPLITS else loaded.eval_split
-        batches = collect_batches(loaded.source(split), 8, loaded.device)
+        batches = collect_batches(loaded.source(split), SAMPLE_COUNT, loaded.device)
         idata = read_diagnostics(loaded.run)
         if idata is None:
             has_latents = loaded.handle.latent_dim != 0 and not saved.get("decoder_only")
             idata = write_diagnostics(loaded.run, loaded.handle, batches[0] if has_latents else None, history, metrics)
-        samples = make_samples(loaded.handle, loaded.splits, batches, 8, loaded.config["seed"])
+        samples = make_samples(loaded.handle, loaded.splits, batches, SAMPLE_COUNT, loaded.config["seed"])
         path = build_report(loaded.run, loaded.config, history, metrics, idata, samples, loaded.kind)
         click.echo(str(path))
 
@@ -137,10 +133,7 @@ def report_cmd(run_dir: str, device: Optional[str]) -> None:
 
 def _image_grid_png(path: Path, rows: list[np.ndarray]) -> None:
     """Save image rows (each [N, H, W] in [0, 1]) as one PNG grid, ink dark on white."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import image as mpimg
+    from matplotlib import image as mpimg  # writes through Pillow: no plotting backend involved
 
     pad = 2
     n = max(len(r) for r in rows)
@@ -206,7 +199,7 @@ def compare_cmd(run_dirs: tuple[str, ...], csv_path: Optional[str], markdown_pat
     for target in (csv_path, markdown_path):
         if target is not None and not Path(target).resolve().parent.is_dir():
             raise FileNotFoundError(f"folder of {target} does not exist")
-    _console().print(comparing.rich_table(rows))
+    make_console().print(comparing.rich_table(rows))
     if csv_path is not None:
         write_text_atomic(Path(csv_path), comparing.to_csv(rows))
         click.echo(f"CSV written to {csv_path}")
@@ -230,7 +223,7 @@ def models_cmd() -> None:
         entry = MODELS[name]
         dims = sorted({str(p.get("latent_dim", "?")) for p in entry.presets.values()})
         table.add_row(name, entry.kind, "/".join(dims), ", ".join(entry.presets), entry.description)
-    _console().print(table)
+    make_console().print(table)
     click.echo("Your own pair: pyro-lag fit package.module:factory")
 
 
@@ -261,7 +254,7 @@ def synthetic_cmd(out: str, n: int, seed: int, force: bool) -> None:
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not force:
         raise click.UsageError(f"{existing[0]} exists; pass --force to overwrite")
-    with _console().status(f"sampling {n} sentences from the generator…"):
+    with make_console().status(f"sampling {n} sentences from the generator…"):
         rows = sample_corpus(n, seed=seed).tolist()
     folder.mkdir(parents=True, exist_ok=True)
     start = 0

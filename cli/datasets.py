@@ -99,12 +99,10 @@ def resolve_data(
         if valid_size is not None:
             raise click.UsageError("valid_size applies to data files; the synthetic corpus takes [synthetic] valid")
         spec = {"source": "synthetic", **SYNTHETIC_DEFAULT, **dict(synthetic or {})}
-        for key in SPLITS:
+        for key, minimum in (("train", 2), ("valid", 1), ("test", 0), ("seed", 0)):
             value = spec[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key != "test" else 0):
-                raise click.UsageError(f"[synthetic] {key} must be a positive integer, got {value!r}")
-        if isinstance(spec["seed"], bool) or not isinstance(spec["seed"], int) or spec["seed"] < 0:
-            raise click.UsageError(f"[synthetic] seed must be a non-negative integer, got {spec['seed']!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise click.UsageError(f"[synthetic] {key} must be an integer >= {minimum}, got {value!r}")
         return spec
     if synthetic:
         raise click.UsageError("[synthetic] settings apply only without --data/--train")

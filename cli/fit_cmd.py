@@ -22,6 +22,7 @@ from pyro_lag.training import METHODS, fit
 from . import datasets, settings
 from .artifacts import (
     MEAN_SPACE_POINTS,
+    SAMPLE_COUNT,
     HistoryWriter,
     MeanSpaceRecorder,
     build_report,
@@ -145,9 +146,9 @@ def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: b
                  "decoder_only": result.decoder_only}
         write_history(run, result.history, metrics, extra)
         eval_batches = collect_batches(eval_source(splits, evaluated_on, config["batch_size"], seed),
-                                       8, device)
+                                       SAMPLE_COUNT, device)
         idata = write_diagnostics(run, handle, eval_batches[0] if has_latents else None, result.history, metrics)
-        samples = make_samples(handle, splits, eval_batches, 8, seed)
+        samples = make_samples(handle, splits, eval_batches, SAMPLE_COUNT, seed)
         build_report(run, config, result.history, metrics, idata, samples, kind)
         run.update_marker(status="complete", finished=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
     except BaseException as exc:

@@ -6,7 +6,7 @@ A config file uses the flag names as top-level keys and four tables::
     preset = "small"
     method = "aggressive"          # aggressive|standard|anneal|beta|cyclical|free-bits
     anneal = false                 # add KL annealing to the aggressive method
-    epochs = 10
+    epochs = 50
     batch_size = 16
     device = "cpu"
     seed = 0
@@ -17,7 +17,7 @@ A config file uses the flag names as top-level keys and four tables::
     valid_size = 1000              # held out of train when there is no valid file
 
     [synthetic]                    # the embedded default corpus (used when no data is given)
-    train = 2000
+    train = 4000
     valid = 500
     test = 500
     seed = 0
@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import re
 import inspect
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
