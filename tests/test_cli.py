@@ -57,6 +57,8 @@ iw_samples = 3
 
 USER_PAIRS = '''
 """Model/guide factories as a user would write them, for `pyro-lag fit module:factory`."""
+import os
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -76,6 +78,19 @@ def tuple_pair(vocab_size):
 
 def not_a_pair():
     return 42
+
+
+def interrupted_pair(vocab_size):
+    """A pair whose training is interrupted (Ctrl-C) once the file named by CLI_TEST_STOP_WHEN exists."""
+    pair = make_pair(vocab_size)
+    stop = os.environ.get("CLI_TEST_STOP_WHEN")
+
+    def model(x):
+        if stop and os.path.exists(stop) and torch.is_grad_enabled():
+            raise KeyboardInterrupt
+        return pair.model(x)
+
+    return model, pair.guide
 
 
 def global_only(vocab_size):
@@ -469,6 +484,26 @@ def test_resume_continues_exactly_and_checks_settings(workdir, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_an_interrupted_run_says_so_keeps_its_checkpoint_and_resumes(workdir, user_module, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    config = write_config(tmp_path, TINY_TEXT.format(epochs=2).replace(
+        "[model_options]\nni = 8\nenc_nh = 8\ndec_nh = 8\n", ""))
+    monkeypatch.setenv("CLI_TEST_STOP_WHEN", str(out / "checkpoints" / "last.pt"))  # Ctrl-C in epoch 2
+    result = invoke("fit", f"{user_module}:interrupted_pair", "--config", config, "--out", out)
+    assert_user_error(result, "aborted", code=130)
+    marker = read_json(out / "run.json")
+    assert marker["status"] == "interrupted"
+    assert (out / "checkpoints" / "last.pt").is_file() and not (out / "report.html").exists()
+    assert [r["epoch"] for r in read_json(out / "metrics.json")["history"]] == [1]
+    assert read_json(out / "metrics.json")["final"] is None
+
+    monkeypatch.delenv("CLI_TEST_STOP_WHEN")
+    assert_ok(invoke("fit", "--out", out, "--resume"))
+    resumed = read_json(out / "run.json")
+    assert resumed["status"] == "complete" and resumed["run_id"] == marker["run_id"]
+    assert [r["epoch"] for r in read_json(out / "metrics.json")["history"]] == [1, 2]
+
+
 def test_resume_needs_a_run(workdir, tmp_path):
     assert_user_error(invoke("fit", "--out", tmp_path / "nothing", "--resume"), "does not exist", "nothing to resume")
     assert not (tmp_path / "nothing").exists()
@@ -527,6 +562,7 @@ def test_missing_data_files(tmp_path):
     empty = tmp_path / "empty-folder"
     empty.mkdir()
     assert_user_error(invoke("fit", "--data", empty), "no file named *train*")
+    assert_user_error(invoke("fit", "--train", empty), "is a directory, not a file")
 
 
 @pytest.mark.parametrize(
