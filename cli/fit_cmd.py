@@ -80,7 +80,7 @@ def _stored_config(out: Optional[str], resume: bool) -> Optional[dict[str, Any]]
 @click.option("--anneal/--no-anneal", default=None, help="Add KL annealing to the aggressive method.")
 @click.option("--beta", type=float, help="KL weight for --method beta.")
 @click.option("--free-bits", "free_bits", type=float, help="Nats per latent dimension for --method free-bits.")
-@click.option("--epochs", type=int, help="Training epochs.")
+@click.option("--epochs", type=int, help="Training epochs (default: 50 synthetic, else 10).")
 @click.option("--batch-size", "batch_size", type=int, help="Batch size (default: 16 synthetic, 32 text, 50 images).")
 @click.option("--device", help="cpu or cuda.")
 @click.option("--seed", type=int, help="Random seed (default 0).")
