@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -138,9 +139,14 @@ def interleaved(
 
 
 def save(name: str, result: dict, args: argparse.Namespace) -> Path:
-    """Write the result with device, torch version and thread count; to ``--out`` when given."""
+    """Write the result with device, torch version, thread count and the machine's load; to ``--out`` when given.
+
+    The load average (1, 5, 15 minutes) at the end of the run says how busy a shared machine
+    was: interleaving keeps the ratios fair under load, but their spread grows with it.
+    """
     result = {"benchmark": name, "threads": torch.get_num_threads(), "size": args.size,
-              "network": SIZES[args.size], "batch_size": args.batch_size, **result}
+              "network": SIZES[args.size], "batch_size": args.batch_size,
+              "load_average": [round(v, 2) for v in os.getloadavg()], **result}
     if args.device != "cpu" and torch.cuda.is_available():
         result["device_name"] = torch.cuda.get_device_name(0)
     if args.out is None:

@@ -148,6 +148,8 @@ def render_table(results: Path) -> str:
             setup.append(r["model"])
         if "batch_size" in r:
             setup.append(f"batch {r['batch_size']}")
+        if "load_average" in r:
+            setup.append(f"machine load average {r['load_average'][1]} over 5 min")
         elif "batch_shape" in r:
             setup.append(f"batch {r['batch_shape']}")
         notes.append(f"- `{name}.json`: " + ", ".join(setup) + (f". {r['what']}." if "what" in r else "."))
