@@ -259,28 +259,36 @@ def _connected(output: torch.Tensor, params: dict[str, torch.Tensor]) -> set[str
     return {n for n, g in zip(names, grads) if g is not None}
 
 
-class _DetachedDraws(Messenger):
-    """Draw each unset latent site here and hand the program a detached copy of the draw.
+class _DetachedReplay(Messenger):
+    """Hand the model the guide's draws detached, and leave the guide's own trace untouched.
 
-    Entered outside a loss's own handlers, it sees a site last, once plates, particle
-    plates and enumeration have shaped it, and the trace records the detached value: a
-    model replayed against that trace depends on its own parameters only, never on the
-    guide's through a sample. The undetached draws are kept, since a guide parameter can
-    reach the loss only through a reparameterized sample (a point-mass guide).
+    Entered outside a loss's own handlers, it sees each site last when the site is
+    processed and first once it has been sampled. A value already set when it is
+    processed was replayed from the guide trace: the model gets it detached, so its
+    log-density depends on its own parameters only. The guide keeps its draws as they
+    are (some distributions, such as rejection samplers, score only the very tensor they
+    drew). A messenger guide (AutoNormalMessenger) draws while the model runs, so its
+    draws are detached as they are made, before any trace records them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, messenger_guide: bool) -> None:
         super().__init__()
+        self.messenger_guide = messenger_guide
         self.draws: dict[str, torch.Tensor] = {}
 
+    @staticmethod
+    def _carries_gradient(msg: dict) -> bool:
+        value = msg["value"]
+        return not msg["is_observed"] and isinstance(value, torch.Tensor) and value.requires_grad
+
     def _pyro_sample(self, msg: dict) -> None:
-        if msg["is_observed"] or msg["value"] is not None or msg["done"]:
-            return
-        value = msg["fn"](*msg["args"], **msg["kwargs"])
-        if isinstance(value, torch.Tensor) and value.requires_grad:
-            self.draws[msg["name"]] = value
-            value = value.detach()
-        msg["value"] = value
+        if not self.messenger_guide and self._carries_gradient(msg):
+            msg["value"] = msg["value"].detach()
+
+    def _pyro_post_sample(self, msg: dict) -> None:
+        if self.messenger_guide and self._carries_gradient(msg):
+            self.draws[msg["name"]] = msg["value"]
+            msg["value"] = msg["value"].detach()
 
 
 @contextlib.contextmanager
@@ -347,12 +355,13 @@ def probe_param_split(
     """Split the parameters by gradient: phi feeds log q(z|x), theta feeds log p(x, z) at fixed z.
 
     Model and guide run once, through ``loss``'s own trace machinery when it is an ELBO,
-    with every latent draw detached (see :class:`_DetachedDraws`). A parameter in both is
-    the model's; one in neither (TraceGraph_ELBO baselines) is ``other``. Overrides force
-    parameters to a side by name (glob) or module. The probe leaves the random streams as
-    it found them and emits no warning: the step that follows warns as SVI would.
+    the model seeing every guide draw detached (see :class:`_DetachedReplay`). A parameter
+    in both is the model's; one in neither (TraceGraph_ELBO baselines) is ``other``.
+    Overrides force parameters to a side by name (glob) or module. The probe leaves the
+    random streams as it found them and emits no warning: the step that follows warns as
+    SVI would.
     """
-    detached = _DetachedDraws()
+    detached = _DetachedReplay(messenger_guide=isinstance(poutine.unwrap(guide), Messenger))
     with preserved_rng(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with poutine.trace(param_only=True) as capture, detached:
@@ -360,8 +369,13 @@ def probe_param_split(
     params = {
         name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
     }
+    # A guide parameter may reach the loss only through a reparameterized draw (a point mass).
+    draws = dict(detached.draws)
+    for name, site in guide_trace.nodes.items():
+        if is_latent(site) and isinstance(site["value"], torch.Tensor) and site["value"].requires_grad:
+            draws.setdefault(name, site["value"])
     guide_out = _log_density(guide_trace, latent_only=True)
-    for name, draw in detached.draws.items():
+    for name, draw in draws.items():
         if name in guide_trace.nodes and draw.is_floating_point():
             guide_out = draw.sum() if guide_out is None else guide_out + draw.sum()
     phi = _connected(guide_out, params)

@@ -13,6 +13,7 @@ import torch
 import pyro
 import pyro.distributions as dist
 from pyro import poutine
+from pyro.distributions.testing.rejection_gamma import ShapeAugmentedGamma
 from pyro.infer import SVI, Trace_ELBO, TraceEnum_ELBO, TraceGraph_ELBO, config_enumerate
 from pyro.infer.autoguide import AutoNormal, AutoNormalMessenger
 from pyro.optim import Adam, ClippedAdam
@@ -314,3 +315,24 @@ def test_tracegraph_program_with_autonormal_local_latents():
     svi, _ = fit(AggressiveSVI, model, guide, TraceGraph_ELBO(), data(), steps=2, max_inner_steps=3, check_every=1)
     assert svi.aggressive and set(svi.param_split.model) == {"scale"}
     assert set(svi.param_split.guide) == {"AutoNormal.locs.z", "AutoNormal.scales.z"}
+
+
+def test_rejection_sampled_local_latent_trains_aggressively():
+    """A rejection sampler scores only the very tensor it drew: the probe must leave the guide's draws alone."""
+
+    def model(x):
+        rate = pyro.param("rate", torch.tensor(1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            lam = pyro.sample("lam", dist.Gamma(2.0, rate))
+            pyro.sample("x", dist.Exponential(lam), obs=x)
+
+    def guide(x):
+        alpha = pyro.param("alpha", torch.full((x.shape[0],), 2.0), constraint=dist.constraints.positive)
+        beta = pyro.param("beta", torch.full((x.shape[0],), 1.0), constraint=dist.constraints.positive)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("lam", ShapeAugmentedGamma(alpha, beta))
+
+    x = torch.rand(8, generator=torch.Generator().manual_seed(2)) + 0.1
+    svi, _ = fit(AggressiveSVI, model, guide, Trace_ELBO(), x, steps=2, max_inner_steps=3, check_every=1)
+    assert svi.aggressive and svi.plain_reason is None
+    assert set(svi.param_split.model) == {"rate"} and set(svi.param_split.guide) == {"alpha", "beta"}
