@@ -134,8 +134,8 @@ class AggressiveSVI(SVI):
         program; one with nothing that can lag trains as plain SVI from that step on, with the
         reason in :attr:`plain_reason`: a guide with no local latent (no latent sample site
         inside a vectorized plate), a model with no parameters of its own, or a guide whose
-        parameters are all the model's. The probe draws nothing from the random streams, so
-        such a program trains exactly as under ``pyro.infer.SVI``.
+        parameters are all the model's. Such a program trains exactly as under
+        ``pyro.infer.SVI``, random draws included.
     """
 
     def __init__(
@@ -308,35 +308,46 @@ class AggressiveSVI(SVI):
         """One model step: the inner guide-only loop and a model-only step while aggressive,
         a joint step otherwise. Returns the loss of the model step's batch, as SVI does."""
         if self.aggressive and self._split is None:
-            self._probe_first_step(args, kwargs)
+            return self._first_step(args, kwargs)
         if not self.aggressive:
             self.last_inner_steps = 0
             return self._joint_step(args, kwargs)
         self.last_inner_steps = self._inner_loop(args, kwargs)
         return self._model_step(args, kwargs)
 
-    def _probe_first_step(self, args: tuple, kwargs: dict) -> None:
-        """Probe the parameter split on the first step; leave aggressive mode for a program with nothing to lag.
+    def _first_step(self, args: tuple, kwargs: dict) -> Any:
+        """The first step: the loss and gradients exactly as SVI computes them, then the probe decides.
 
-        A probe that cannot run leaves the step to plain SVI: an invalid program then fails
-        with the ELBO's own error, exactly as under ``pyro.infer.SVI``, and a valid one
-        trains as plain SVI, with the reason kept in :attr:`plain_reason`.
+        Computing SVI's step first means an invalid program fails with Pyro's own error, the
+        loss warns as it would under SVI, and lazily initialized parameters (AutoGuides,
+        ``pyro.param`` with a callable) draw the same random numbers. A program with nothing
+        that can lag, or one the probe cannot run, then takes that very step and trains as
+        plain SVI from then on, identically to ``pyro.infer.SVI``; the reason is kept in
+        :attr:`plain_reason`. Otherwise the gradients are dropped unapplied and the aggressive
+        step runs.
         """
+        loss, params = self._loss_and_grads(args, kwargs)
         try:
-            split = self.split_params(*args, **kwargs)
-        except Exception as error:  # noqa: BLE001 -- the joint step raises the program's real error
-            self.plain_reason = f"the parameter probe failed ({type(error).__name__}: {error})"
-            self.stop_aggressive()
-            return
-        reason = _nothing_to_lag(split)
-        if reason is not None:
-            self.plain_reason = reason
-            self.stop_aggressive()
+            reason = _nothing_to_lag(self.split_params(*args, **kwargs))
+        except Exception as error:  # noqa: BLE001 -- a program SVI runs must keep running
+            reason = f"the parameter probe failed ({type(error).__name__}: {error})"
+        if reason is None:
+            zero_grads(params.values())
+            self.last_inner_steps = self._inner_loop(args, kwargs)
+            return self._model_step(args, kwargs)
+        self.plain_reason = reason
+        self.stop_aggressive()
+        self.last_inner_steps = 0
+        return self._apply_joint(loss, params, args, kwargs)
 
     def _joint_step(self, args: tuple, kwargs: dict) -> Any:
         if self.guide_optim is None and self.clip_norm is None:
             return super().step(*args, **kwargs)
         loss, params = self._loss_and_grads(args, kwargs)
+        return self._apply_joint(loss, params, args, kwargs)
+
+    def _apply_joint(self, loss: Any, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
+        """Step every parameter with its optimizer, after optional clipping, as SVI's step does."""
         self._clip(params.values())
         if self.guide_optim is None:
             self._apply(self.optim, list(params.values()))

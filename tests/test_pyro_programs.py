@@ -153,6 +153,7 @@ def encoder_guide(x):
 )
 def test_invalid_program_fails_with_pyros_own_error(model, guide, error, match):
     x = data()
+    pyro.clear_param_store()
     with pytest.raises(error, match=match) as under_svi:
         SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO()).step(x)
     pyro.clear_param_store()
@@ -160,7 +161,52 @@ def test_invalid_program_fails_with_pyros_own_error(model, guide, error, match):
     with pytest.raises(error, match=match) as under_ours:
         svi.step(x)
     assert str(under_ours.value) == str(under_svi.value)
-    assert svi.aggressive is False and "probe failed" in svi.plain_reason
+
+
+def test_program_the_probe_cannot_run_trains_as_svi():
+    """A custom loss callable that feeds model and guide an extra argument: the probe, calling them as
+    SVI's step is called, fails; the program must still train, exactly as under SVI."""
+
+    def model(x, noise):
+        w = pyro.param("w", torch.ones(K, D))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(K), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ w, noise).to_event(1), obs=x)
+
+    def guide(x, noise):
+        enc = pyro.param("enc", torch.ones(D, K) / D)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x @ enc, noise).to_event(1))
+
+    def loss(model, guide, x):
+        return Trace_ELBO().differentiable_loss(model, guide, x, 0.5)
+
+    x = data()
+    _, plain = fit(SVI, model, guide, loss, x)
+    svi, ours = fit(AggressiveSVI, model, guide, loss, x)
+    assert svi.aggressive is False and "probe failed (TypeError" in svi.plain_reason
+    for name in plain:
+        assert torch.equal(ours[name], plain[name]), name
+
+
+def test_lazily_initialized_autoguide_trains_exactly_as_svi():
+    """An AutoGuide draws its initial values on its first call: the first step must draw them as SVI does."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("x", dist.Normal(mu, 1.0).to_event(1), obs=x)
+
+    x = data()
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(model, init_loc_fn=pyro.infer.autoguide.init_to_sample)
+    _, plain = fit(SVI, model, guide, Trace_ELBO(), x, steps=3)
+    guide = AutoNormal(model, init_loc_fn=pyro.infer.autoguide.init_to_sample)
+    svi, ours = fit(AggressiveSVI, model, guide, Trace_ELBO(), x, steps=3)
+    assert svi.aggressive is False
+    for name in plain:
+        assert torch.equal(ours[name], plain[name]), name
 
 
 def test_loss_warnings_reach_the_caller_as_under_svi():
