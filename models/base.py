@@ -51,13 +51,13 @@ class LatentPair(nn.Module, ABC):
         a decoder-only pair.
         """
 
-    @abstractmethod
     def observed(self, x: torch.Tensor) -> torch.Tensor:
-        """The part of the batch that the observation site scores (text: ``x[:, 1:]``)."""
+        """The part of the batch that the observation site scores: all of it (text overrides: ``x[:, 1:]``)."""
+        return x
 
-    @abstractmethod
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder forward pass: posterior location and scale, each ``[B, D]``."""
+        return self.encoder(x)
 
     @abstractmethod
     def sample_prior(self, n: int, generator: torch.Generator | None = None, **kwargs: Any) -> Any:

@@ -128,9 +128,6 @@ class LSTMTextVAE(LatentPair):
     def observed(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 1:]
 
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(x)
-
     def logits(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """Next-token logits ``[*S, B, T-1, V]`` for z ``[*S, B, D]`` (``[B, T-1, V]`` without z)."""
         if x.dim() != 2 or x.shape[1] < 2:

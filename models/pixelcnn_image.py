@@ -165,12 +165,6 @@ class PixelCNNImageVAE(LatentPair):
         self.encoder = ResNetEncoder(enc_channels, enc_hidden, latent_dim) if latent_dim > 0 else None
         self.decoder = PixelCNNDecoder(latent_dim, hidden, kernel_sizes, latent_feature_maps)
 
-    def observed(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(x)
-
     def logits(self, x: torch.Tensor, z: torch.Tensor | None) -> torch.Tensor:
         """Pixel logits ``[*S, B, 1, 28, 28]`` for z ``[*S, B, D]`` (``[B, 1, 28, 28]`` without z)."""
         check_images(x)
