@@ -1,8 +1,7 @@
 """One inner (guide-only) step of AggressiveSVI against one full ``pyro.infer.SVI`` step, interleaved.
 
-The set-up of ``inner_step.py`` (same network, Trace_ELBO, SGD, one batch of typical
-length), with the calls interleaved so that the machine's load falls on both alike, and
-the ratio's spread over the repeats. The inner step freezes the model's parameters, so
+Same network, Trace_ELBO, SGD, one batch of typical length, with the calls interleaved
+so that the machine's load falls on both alike, and the ratio's spread over the repeats. The inner step freezes the model's parameters, so
 autograd never computes the decoder's weight gradients; that is what it can save.
 
     python benchmarks/bench_inner_step.py [--device cuda]

@@ -1,31 +1,11 @@
-"""A small timing harness: warm-up, repeats, median and spread, results written as JSON."""
+"""Where a benchmark ran and where its result goes: device description and the JSON writer."""
 from __future__ import annotations
 
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
-
-
-def time_call(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20) -> dict:
-    """Median and interquartile range of ``fn``'s wall time in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    q = statistics.quantiles(times, n=4)
-    return {"median_s": statistics.median(times), "q1_s": q[0], "q3_s": q[2], "repeats": repeats}
 
 
 def device_description() -> str:

@@ -21,12 +21,10 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-# name (of the JSON file) -> script. inner_step.py (the first version of the inner-step
-# benchmark, timed in blocks; no --out option) runs only when writing into benchmarks/results.
+# name (of the JSON file) -> script.
 BENCHMARKS = {
     "reference_loop": "bench_reference_loop.py",
     "inner_vs_full_step": "bench_inner_step.py",
-    "inner_step": "inner_step.py",
     "aggressive_vs_standard": "bench_aggressive_vs_standard.py",
     "pyro_overhead": "bench_pyro_overhead.py",
     "diagnostics": "bench_diagnostics.py",
@@ -35,8 +33,6 @@ BENCHMARKS = {
 
 def _command(name: str, args: argparse.Namespace) -> list[str]:
     script = [sys.executable, str(HERE / BENCHMARKS[name])]
-    if name == "inner_step":
-        return script + ["--device", args.device, "--batch-size", str(args.batch_size)]
     command = script + ["--device", args.device, "--threads", str(args.threads), "--size", args.size,
                         "--batch-size", str(args.batch_size)]
     if args.out is not None:
@@ -48,9 +44,6 @@ def run(names: list[str], args: argparse.Namespace) -> None:
     """Run the benchmarks one after another; stop at the first that fails."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for name in names:
-        if name == "inner_step" and args.out is not None:
-            print("skipping inner_step (it writes only into benchmarks/results)", flush=True)
-            continue
         print(f"== {name}", flush=True)
         subprocess.run(_command(name, args), check=True, env=env)
 
@@ -86,10 +79,6 @@ def _rows(name: str, r: dict[str, Any]) -> list[list[str]]:
             ["inner (guide-only) step / full SVI step", *_ratio_cells(r["inner_over_full"]), "<= 0.8", _met(r["target_met"]), device],
             ["model-only step / full SVI step", *_ratio_cells(r["model_only_over_full"]), "", "", device],
         ]
-    if name == "inner_step":
-        full, inner = r["full_svi_step"], r["inner_step"]
-        spread = f"full {full['q1_s'] * 1e3:.0f}-{full['q3_s'] * 1e3:.0f} ms, inner {inner['q1_s'] * 1e3:.0f}-{inner['q3_s'] * 1e3:.0f} ms"
-        return [["inner step / full SVI step, timed in blocks (inner_step.py)", _fmt(r["inner_over_full"]), spread, "", "", device]]
     if name == "aggressive_vs_standard":
         return [
             [f"aggressive / standard total time, {r['epochs']} epochs ({r['aggressive_epochs']} aggressive)",

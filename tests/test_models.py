@@ -198,6 +198,22 @@ def test_lstm_text_log_density_by_hand(text_batch):
     torch.testing.assert_close(tr.nodes["x"]["log_prob"], expected, rtol=1e-5, atol=1e-4)
 
 
+def test_next_token_categorical_equals_torch_categorical():
+    """The fused cross-entropy distribution scores, broadcasts, expands and samples like Categorical."""
+    from pyro_lag.models.lstm_text import NextTokenCategorical
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 6, 50, generator=gen)  # particles, batch, length, vocabulary
+    tokens = torch.randint(0, 50, (4, 6), generator=gen)  # broadcast over the particle dim
+    fused = NextTokenCategorical(logits, validate_args=True)
+    reference = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(fused.log_prob(tokens), reference.log_prob(tokens), rtol=0, atol=1e-5)
+    assert fused.expand((2, 3, 4, 6)).log_prob(tokens).shape == (2, 3, 4, 6)
+    assert fused.sample((5,)).shape == (5, 3, 4, 6)
+    with pytest.raises(ValueError):
+        fused.log_prob(torch.full((4, 6), 50))  # outside the vocabulary
+
+
 def test_lstm_text_initialisation_as_reference():
     pair = build("lstm-text", vocab_size=50, ni=16, enc_nh=16, dec_nh=16)
     for name, p in pair.state_dict().items():
