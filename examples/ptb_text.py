@@ -2,6 +2,10 @@
 
     python examples/ptb_text.py                       # reduced: a slice of PTB, small preset
     python examples/ptb_text.py --paper --device cuda # full PTB, paper preset, 40 epochs
+
+Rows: LSTM language model alone, VAE, VAE + anneal, beta-VAE, cyclical, free bits,
+aggressive, aggressive + anneal. The reduced run trains the small networks (ni = nh = 128)
+on 2,500 training sentences for 6 epochs and scores 100 test sentences.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import numpy as np
 from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, num_tokens
 from pyro_lag.models.registry import build
 
-from paper_table import METHODS, run_rows
+from paper_table import add_common_options, parse_args, run_rows
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 
@@ -21,16 +25,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--paper", action="store_true", help="full data, paper preset and schedule")
-    parser.add_argument("--train-sentences", type=int, default=6000)
-    parser.add_argument("--eval-sentences", type=int, default=500)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--rows", default=",".join(METHODS))
-    parser.add_argument("--iw-samples", type=int, default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=783435)
-    parser.add_argument("--out", type=Path, default=Path("runs/ptb_text"))
-    args = parser.parse_args()
+    parser.add_argument("--train-sentences", type=int, default=2500, help="training sentences in the reduced run")
+    parser.add_argument("--eval-sentences", type=int, default=100, help="validation and test sentences in the reduced run")
+    add_common_options(parser, out="runs/ptb_text")
+    args = parse_args(parser)
 
     vocab = Vocabulary.from_file(args.data / "ptb.train.txt")
     corpora = {split: TextCorpus.from_file(args.data / f"ptb.{split}.txt", vocab) for split in ("train", "valid", "test")}
@@ -44,12 +42,11 @@ def main() -> None:
     test = TextBatches(corpora["test"], 50, shuffle=False, device=args.device)
     tokens = sum(num_tokens(b) for (b,) in test)
     preset = "paper" if args.paper else "small"
-    epochs = args.epochs or (40 if args.paper else 8)
-    iw = args.iw_samples or (500 if args.paper else 100)
+    epochs = args.epochs or (40 if args.paper else 6)
     overrides = {} if args.paper else {"enc_nh": 128, "dec_nh": 128, "ni": 128}
     run_rows(lambda: build("lstm-text", preset, vocab_size=len(vocab), **overrides), train, valid, test,
-             rows=args.rows.split(","), epochs=epochs, iw_samples=iw, seed=args.seed, tokens=tokens,
-             out=args.out, fit_options={"device": args.device})
+             rows=args.rows.split(","), epochs=epochs, iw_samples=args.iw_samples, seed=args.seed, tokens=tokens,
+             out=args.out, fit_options={"device": args.device}, threads=args.threads, jobs=args.jobs)
 
 
 if __name__ == "__main__":
