@@ -6,8 +6,9 @@ KL = log q(z|x) - log p(z), the loss summed over the batch). Three plain-PyTorch
 versions separate where a difference comes from:
 
 - ``torch_cross_entropy``: the tokens scored with the fused cross-entropy, as the paper's code does;
-- ``torch_same_densities``: the tokens scored with the pair's own Categorical likelihood,
-  the distribution object the Pyro model scores; Pyro's machinery is then the only difference;
+- ``torch_same_densities``: the tokens scored with the pair's own likelihood object (the
+  ``NextTokenCategorical`` the Pyro model scores, itself one fused cross-entropy); Pyro's
+  machinery is then the only difference;
 - and Pyro with argument validation off (``pyro.validation_enabled(False)``) beside the default.
 
     python benchmarks/bench_pyro_overhead.py [--device cuda]
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["target_met"] = result["overhead"]["median"] <= 1.10
     path = common.save("pyro_overhead", result, args)
     print(f"SVI step / plain PyTorch = {result['overhead']['median']:.3f} "
-          f"(against the same Categorical densities: {result['overhead_same_densities']['median']:.3f}; "
-          f"Categorical / cross-entropy in plain PyTorch: {result['density_cost']['median']:.3f}); written to {path}")
+          f"(against the pair's own likelihood: {result['overhead_same_densities']['median']:.3f}; "
+          f"pair likelihood / cross-entropy in plain PyTorch: {result['density_cost']['median']:.3f}); written to {path}")
     return result
 
 

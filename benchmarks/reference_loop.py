@@ -33,7 +33,7 @@ def elbo_terms(
     ``pair`` is an ``LSTMTextVAE`` (its ``encoder`` and ``logits``); ``x`` a ``[B, T]`` batch of
     token ids starting with ``<s>``. ``recon="cross_entropy"`` scores the next tokens with the
     reference's fused cross-entropy; ``recon="pair"`` with the pair's own likelihood (the
-    Categorical distribution its Pyro model scores), to separate density cost from Pyro's.
+    distribution its Pyro model scores), to separate density cost from Pyro's.
     """
     if kl not in KL_KINDS:
         raise ValueError(f"kl must be one of {KL_KINDS}, got {kl!r}")

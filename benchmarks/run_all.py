@@ -91,9 +91,9 @@ def _rows(name: str, r: dict[str, Any]) -> list[list[str]]:
     if name == "pyro_overhead":
         return [
             ["Pyro SVI step / plain PyTorch step (cross-entropy)", *_ratio_cells(r["overhead"]), "<= 1.10", _met(r["target_met"]), device],
-            ["Pyro SVI step / plain PyTorch step (same Categorical densities)", *_ratio_cells(r["overhead_same_densities"]), "", "", device],
+            ["Pyro SVI step / plain PyTorch step (the pair's own likelihood)", *_ratio_cells(r["overhead_same_densities"]), "", "", device],
             ["Pyro SVI step without validation / plain PyTorch (cross-entropy)", *_ratio_cells(r["overhead_no_validation"]), "", "", device],
-            ["plain PyTorch: Categorical / cross-entropy", *_ratio_cells(r["density_cost"]), "", "", device],
+            ["plain PyTorch: pair likelihood / cross-entropy", *_ratio_cells(r["density_cost"]), "", "", device],
         ]
     if name == "diagnostics":
         iw = r["iw_nll"]

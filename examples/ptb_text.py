@@ -4,7 +4,7 @@
     python examples/ptb_text.py --paper --device cuda # full PTB, paper preset, 40 epochs
 
 Rows: LSTM language model alone, VAE, VAE + anneal, beta-VAE, cyclical, free bits,
-aggressive, aggressive + anneal. The reduced run trains the small networks (ni = nh = 128)
+aggressive, aggressive + anneal. The reduced run trains the small preset (ni = nh = 128)
 on 2,500 training sentences for 6 epochs and scores 100 test sentences.
 """
 from __future__ import annotations
@@ -43,8 +43,7 @@ def main() -> None:
     tokens = sum(num_tokens(b) for (b,) in test)
     preset = "paper" if args.paper else "small"
     epochs = args.epochs or (40 if args.paper else 6)
-    overrides = {} if args.paper else {"enc_nh": 128, "dec_nh": 128, "ni": 128}
-    run_rows(lambda: build("lstm-text", preset, vocab_size=len(vocab), **overrides), train, valid, test,
+    run_rows(lambda: build("lstm-text", preset, vocab_size=len(vocab)), train, valid, test,
              rows=args.rows.split(","), epochs=epochs, iw_samples=args.iw_samples, seed=args.seed, tokens=tokens,
              out=args.out, fit_options={"device": args.device}, threads=args.threads, jobs=args.jobs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -45,6 +46,7 @@ class Snapshots:
         self.pair, self.points, self.at, self.trace_every = pair, points, set(at), trace_every
         self.spaces: dict[int, tuple[list[float], list[float]]] = {}
         self.path: list[tuple[int, float, float]] = []
+        self.seconds = 0.0  # spent here during training, to take out of fit's epoch times
         self.record(0)
 
     def record(self, iteration: int) -> None:
@@ -55,7 +57,9 @@ class Snapshots:
             self.path.append((iteration, model_mean[0], guide_mean[0]))
 
     def on_batch_end(self, info: dict) -> None:
+        started = time.perf_counter()
         self.record((info["epoch"] - 1) * info["steps"] + info["step"])
+        self.seconds += time.perf_counter() - started
 
 
 def train(method: str, data: dict, vocab: Vocabulary, args: argparse.Namespace) -> dict:
@@ -72,10 +76,12 @@ def train(method: str, data: dict, vocab: Vocabulary, args: argparse.Namespace) 
     if last not in snapshots.spaces:
         snapshots.spaces[last] = posterior_means(pair, data["points"])
     test = result.test or {}
+    aggressive_epochs = sum(bool(h.get("aggressive")) for h in result.history)
+    seconds = sum(h["wall_time"] for h in result.history) - snapshots.seconds  # training and validation
     print(f"{method}: test KL {test.get('kl', float('nan')):.3f}, MI {test.get('mi', float('nan')):.3f}, "
-          f"AU {test.get('au')}, aggressive epochs {sum(bool(h.get('aggressive')) for h in result.history)}", flush=True)
+          f"AU {test.get('au')}, aggressive epochs {aggressive_epochs}, {seconds:.0f} s", flush=True)
     return {"spaces": snapshots.spaces, "path": snapshots.path, "test": test,
-            "aggressive_epochs": sum(bool(h.get("aggressive")) for h in result.history)}
+            "aggressive_epochs": aggressive_epochs, "seconds": seconds}
 
 
 def plot_spaces(runs: dict[str, dict], out: Path) -> Path:
@@ -159,7 +165,7 @@ def main() -> None:
 
     runs = {method: train(method, data, vocab, args) for method in args.methods.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = {method: {"test": run["test"], "aggressive_epochs": run["aggressive_epochs"],
+    summary = {method: {"test": run["test"], "aggressive_epochs": run["aggressive_epochs"], "seconds": run["seconds"],
                         "trajectory": run["path"],
                         "spaces": {str(k): {"model": v[0], "guide": v[1]} for k, v in run["spaces"].items()}}
                for method, run in runs.items()}
