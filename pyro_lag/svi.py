@@ -370,7 +370,7 @@ class AggressiveSVI(SVI):
         stepped = [p for n, p in params.items() if split.side_of(n) != "model"]
         self._clip(stepped)
         self._apply(self.guide_optim or self.optim, stepped)
-        zero_grads(params.values())
+        _drop_grads(params.values())
         return _item(loss)
 
     def _inner_loop(self, args: tuple, kwargs: dict) -> int:
@@ -394,8 +394,16 @@ class AggressiveSVI(SVI):
         stepped = [p for n, p in params.items() if split.side_of(n) == "model"]
         self._clip(stepped)
         self._apply(self.optim, stepped)
-        zero_grads(params.values())
+        _drop_grads(params.values())
         return _item(loss)
+
+
+def _drop_grads(params: Iterable[torch.Tensor]) -> None:
+    """Set gradients to None after an inner or model step (``zero_grad(set_to_none=True)``, as the
+    reference's optimizers do): no zero tensors to allocate and fill, and the next backward writes
+    its gradients instead of adding them to zeros. Joint steps keep SVI's ``zero_grads``."""
+    for p in params:
+        p.grad = None
 
 
 def _nothing_to_lag(split: ParamSplit) -> str | None:

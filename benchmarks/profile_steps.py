@@ -1,0 +1,97 @@
+"""Where the time of a training step goes: torch.profiler over the three kinds of step.
+
+Profiles, on one PTB batch and the benchmarks' LSTM text VAE, a full ``pyro.infer.SVI``
+step, an AggressiveSVI inner (guide-only) step, and the reference loop's inner step
+(full backward, encoder update only), and writes the operators that take the most
+self CPU time in each, as shares of the step, to ``results/profile_steps.md`` (and .json).
+
+    python benchmarks/profile_steps.py [--device cuda] [--steps 10]
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyro
+import pyro.optim
+from pyro.infer import SVI, Trace_ELBO
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pyro_lag import AggressiveSVI  # noqa: E402
+from pyro_lag.data import TextBatches  # noqa: E402
+
+try:
+    from benchmarks import bench_common as common
+    from benchmarks.reference_loop import ReferenceAggressiveLoop
+except ImportError:  # run as a script from the benchmarks folder
+    import bench_common as common
+    from reference_loop import ReferenceAggressiveLoop
+
+
+def top_operators(fn, steps: int, cuda: bool, top: int) -> dict:
+    """Profile ``steps`` calls of ``fn`` (after one warm-up); the top operators by self time, per step."""
+    fn()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+    events = prof.key_averages()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events)
+    ranked = sorted(events, key=lambda e: getattr(e, attr), reverse=True)[:top]
+    return {
+        "ms_per_step": total / steps / 1e3,
+        "operators": [{"name": e.key, "share": getattr(e, attr) / total, "calls_per_step": e.count / steps}
+                      for e in ranked],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__)
+    p.add_argument("--length", type=int, default=22, help="sentence length of the batch (with <s>, </s>)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=8)
+    args = p.parse_args(argv)
+    device = common.setup(args)
+
+    vocab = common.vocabulary(args.data)
+    corpus = common.ptb_slice(args.data, "train", vocab, lengths=[args.length], per_length=args.batch_size)
+    (x,) = next(iter(TextBatches(corpus, args.batch_size, device=device).iter_from(0, 0)))
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    pair = common.build_pair(args.size, len(vocab), device, seed=args.seed)
+    plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
+    aggressive = AggressiveSVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
+    aggressive.split_params(x)
+    reference = ReferenceAggressiveLoop(common.build_pair(args.size, len(vocab), device, seed=args.seed),
+                                        lambda: x, lr=1e-3, kl="mc")
+
+    cuda = device.type == "cuda"
+    steps = {
+        "full SVI step": lambda: plain.step(x),
+        "AggressiveSVI inner step": lambda: aggressive.inner_step(x),
+        "reference inner step": lambda: reference.inner_step(x),
+    }
+    result = {"what": "top operators by self time in each kind of step (torch.profiler)",
+              "batch_shape": list(x.shape),
+              "steps": {name: top_operators(fn, args.steps, cuda, args.top) for name, fn in steps.items()}}
+    path = common.save("profile_steps", result, args)
+    lines = [f"# Where a step's time goes ({result['batch_shape'][0]} x {result['batch_shape'][1]} PTB batch, "
+             f"{'GPU' if cuda else 'CPU, ' + str(args.threads) + ' thread(s)'})", ""]
+    for name, figures in result["steps"].items():
+        lines += [f"## {name}: {figures['ms_per_step']:.1f} ms of operator time per step", "",
+                  "| operator | share of the step | calls per step |", "|---|---|---|"]
+        lines += [f"| `{op['name']}` | {op['share']:.1%} | {op['calls_per_step']:.0f} |" for op in figures["operators"]]
+        lines.append("")
+    markdown = path.with_suffix(".md")
+    markdown.write_text("\n".join(lines))
+    print("\n".join(lines))
+    print(f"written to {path} and {markdown}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
