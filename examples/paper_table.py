@@ -100,6 +100,7 @@ def run_rows(
     _JOB.update(build_pair=build_pair, train=train, valid=valid, test=test, epochs=epochs, iw_samples=iw_samples,
                 seed=seed, tokens=tokens, fit_options=fit_options, threads=threads)
     done: dict[str, dict] = {}
+    started = time.perf_counter()
     if jobs <= 1:
         for row in rows:
             done[row] = _run_row(row)
@@ -110,6 +111,7 @@ def run_rows(
                 done[figures["row"]] = figures
                 write_table([done[r] for r in rows if r in done], out)
     print((out / "table.md").read_text(), flush=True)
+    print(f"{len(rows)} rows in {(time.perf_counter() - started) / 60:.1f} min wall time ({jobs} at once)", flush=True)
     return [done[r] for r in rows]
 
 
