@@ -91,6 +91,22 @@ def build_pair(size: str, vocab_size: int, device: torch.device, *, seed: int = 
     return build("lstm-text", "small", vocab_size=vocab_size, **SIZES[size]).to(device)
 
 
+def one_batch_and_pair(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, torch.nn.Module]:
+    """One full PTB batch of ``args.length`` tokens and a fresh pair, with the param store cleared and seeded.
+
+    For the benchmarks that time single steps on the same batch (``--length``, ``--batch-size``).
+    """
+    import pyro
+    from pyro_lag.data import TextBatches
+
+    vocab = vocabulary(args.data)
+    corpus = ptb_slice(args.data, "train", vocab, lengths=[args.length], per_length=args.batch_size)
+    (x,) = next(iter(TextBatches(corpus, args.batch_size, device=device).iter_from(0, 0)))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(args.seed)
+    return x, build_pair(args.size, len(vocab), device, seed=args.seed)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

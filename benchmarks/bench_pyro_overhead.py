@@ -25,7 +25,6 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pyro_lag.data import TextBatches  # noqa: E402
 
 try:
     from benchmarks import bench_common as common
@@ -57,13 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = common.setup(args)
 
-    vocab = common.vocabulary(args.data)
-    corpus = common.ptb_slice(args.data, "train", vocab, lengths=[args.length], per_length=args.batch_size)
-    (x,) = next(iter(TextBatches(corpus, args.batch_size, device=device).iter_from(0, 0)))
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    pyro_pair = common.build_pair(args.size, len(vocab), device, seed=args.seed)
+    x, pyro_pair = common.one_batch_and_pair(args, device)
     pairs = {name: copy.deepcopy(pyro_pair) for name in ("torch_cross_entropy", "torch_same_densities")}
     svi = SVI(pyro_pair.model, pyro_pair.guide, pyro.optim.SGD({"lr": args.lr}), Trace_ELBO())
 

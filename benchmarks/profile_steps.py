@@ -9,7 +9,7 @@ self CPU time in each, as shares of the step, to ``results/profile_steps.md`` (a
 """
 from __future__ import annotations
 
-import json
+import copy
 import sys
 from pathlib import Path
 
@@ -20,7 +20,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyro_lag import AggressiveSVI  # noqa: E402
-from pyro_lag.data import TextBatches  # noqa: E402
 
 try:
     from benchmarks import bench_common as common
@@ -56,18 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = common.setup(args)
 
-    vocab = common.vocabulary(args.data)
-    corpus = common.ptb_slice(args.data, "train", vocab, lengths=[args.length], per_length=args.batch_size)
-    (x,) = next(iter(TextBatches(corpus, args.batch_size, device=device).iter_from(0, 0)))
-
-    pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    pair = common.build_pair(args.size, len(vocab), device, seed=args.seed)
+    x, pair = common.one_batch_and_pair(args, device)
     plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
     aggressive = AggressiveSVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
     aggressive.split_params(x)
-    reference = ReferenceAggressiveLoop(common.build_pair(args.size, len(vocab), device, seed=args.seed),
-                                        lambda: x, lr=1e-3, kl="mc")
+    reference = ReferenceAggressiveLoop(copy.deepcopy(pair), lambda: x, lr=1e-3, kl="mc")
 
     cuda = device.type == "cuda"
     steps = {

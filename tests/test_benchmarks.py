@@ -298,3 +298,19 @@ def test_benchmarks_refuse_a_missing_data_folder(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="PTB not found"):
         bench_pyro_overhead.main([*TINY, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_profile_names_each_kind_of_step(shared_data, tmp_path):
+    """profile_steps writes, for each kind of step, operators whose shares lie in (0, 1] and sum to at most 1."""
+    from benchmarks import profile_steps
+
+    profile_steps.main([*TINY, "--out", str(tmp_path), "--data", str(shared_data / "ptb"), "--length", "10",
+                        "--steps", "2", "--top", "5"])
+    result = json.loads((tmp_path / "profile_steps.json").read_text())
+    assert set(result["steps"]) == {"full SVI step", "AggressiveSVI inner step", "reference inner step"}
+    for figures in result["steps"].values():
+        shares = [op["share"] for op in figures["operators"]]
+        assert len(shares) == 5 and all(0 < s <= 1 for s in shares) and sum(shares) <= 1 + 1e-9
+        assert shares == sorted(shares, reverse=True) and figures["ms_per_step"] > 0
+    markdown = (tmp_path / "profile_steps.md").read_text()
+    assert "## AggressiveSVI inner step" in markdown and "aten::" in markdown
