@@ -116,11 +116,13 @@ def plot_paths(runs: dict[str, dict], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 5))
     values = []
     for method, run in runs.items():
-        _, model_mean, guide_mean = zip(*run["path"])
-        color = "tab:blue" if method == "standard" else "tab:red"
-        ax.plot(model_mean, guide_mean, "-", lw=1, color=color, label=METHODS[method])
-        ax.plot(model_mean[0], guide_mean[0], "o", color=color)
-        ax.plot(model_mean[-1], guide_mean[-1], "*", ms=12, color=color)
+        iteration, model_mean, guide_mean = zip(*run["path"])
+        color, cmap = ("tab:blue", "Blues") if method == "standard" else ("tab:red", "Reds")
+        ax.plot(model_mean, guide_mean, "-", lw=0.6, alpha=0.4, color=color)
+        ax.scatter(model_mean, guide_mean, c=iteration, cmap=cmap, s=12, vmin=-0.3 * max(iteration),
+                   label=f"{METHODS[method]} (darker: later)")
+        ax.plot(model_mean[0], guide_mean[0], "o", color="black", ms=5)
+        ax.plot(model_mean[-1], guide_mean[-1], "*", ms=14, color=color, markeredgecolor="black")
         values += list(model_mean) + list(guide_mean)
     lim = max(1.0, max(map(abs, values)))
     ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8, ls="--")
