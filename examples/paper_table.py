@@ -15,7 +15,7 @@ from typing import Any, Callable
 import pyro
 import torch
 
-from pyro_lag import fit
+from pyro_lag import evaluate, fit
 
 # name -> (method, extra fit arguments); "decoder-only" trains the decoder alone (no latent).
 METHODS: dict[str, tuple[str, dict]] = {
@@ -71,26 +71,34 @@ def _run_row(row: str) -> dict:
     total = time.perf_counter() - started
     metrics = result.test or {}
     nll, tokens = metrics.get("iw_nll"), job["tokens"]
+    usage = metrics
+    if job["usage"] is not None and row != "decoder-only":  # KL, MI, AU on a larger held-out set
+        usage = evaluate(pair.model, pair.guide, job["usage"])
     figures = {
         "row": row, "iw_nll": nll,
         "ppl": math.exp(nll * metrics["num_points"] / tokens) if tokens and nll is not None else None,
-        "kl": metrics.get("kl"), "mi": metrics.get("mi"), "au": metrics.get("au"),
+        "kl": usage.get("kl"), "mi": usage.get("mi"), "au": usage.get("au"),
         # training time: every epoch with its validation pass, not the final IW-NLL test pass
         "seconds": sum(h["wall_time"] for h in result.history), "total_seconds": total,
         "epochs": len(result.history),
         "aggressive_epochs": sum(bool(h.get("aggressive")) for h in result.history),
+        "history": [{k: h[k] for k in ("epoch", "kl", "mi", "au", "aggressive", "inner_steps", "val_loss")}
+                    for h in result.history],
     }
-    print(json.dumps(figures), flush=True)
+    print(json.dumps({k: v for k, v in figures.items() if k != "history"}), flush=True)
     return figures
 
 
 def run_rows(
     build_pair: Callable[[], torch.nn.Module],
     train, valid, test, *, rows: list[str], epochs: int, iw_samples: int, seed: int,
-    tokens: float | None, out: Path, fit_options: dict, threads: int = 1, jobs: int = 1,
+    tokens: float | None, out: Path, fit_options: dict, threads: int = 1, jobs: int = 1, usage=None,
 ) -> list[dict]:
     """Train every requested row with the same data and seed; return one result dict each.
 
+    ``test`` gives IW-NLL (and PPL over ``tokens``); KL, MI and AU come from ``usage``
+    when given (a larger held-out set: IW-NLL costs ``iw_samples`` decoder passes a point,
+    these do not), else from ``test``.
     ``jobs > 1`` trains that many rows at once in forked processes (each with ``threads``
     torch threads); the table is rewritten after every finished row.
     """
@@ -98,7 +106,7 @@ def run_rows(
     if unknown:
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     _JOB.update(build_pair=build_pair, train=train, valid=valid, test=test, epochs=epochs, iw_samples=iw_samples,
-                seed=seed, tokens=tokens, fit_options=fit_options, threads=threads)
+                seed=seed, tokens=tokens, fit_options=fit_options, threads=threads, usage=usage)
     done: dict[str, dict] = {}
     started = time.perf_counter()
     if jobs <= 1:

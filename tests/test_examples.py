@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-ROW_KEYS = {"row", "iw_nll", "ppl", "kl", "mi", "au", "seconds", "total_seconds", "epochs", "aggressive_epochs"}
+ROW_KEYS = {"row", "iw_nll", "ppl", "kl", "mi", "au", "seconds", "total_seconds", "epochs",
+            "aggressive_epochs", "history"}
 
 
 def run_example(script: str, *args: str, cwd: Path) -> str:
@@ -29,6 +30,8 @@ def check_table(out: Path, rows: list[str]) -> list[dict]:
     for r in results:
         assert set(r) == ROW_KEYS
         assert math.isfinite(r["iw_nll"]) and r["iw_nll"] > 0 and 0 < r["seconds"] < r["total_seconds"]
+        assert [h["epoch"] for h in r["history"]] == list(range(1, r["epochs"] + 1))
+        assert sum(h["aggressive"] for h in r["history"]) == r["aggressive_epochs"]
     table = (out / "table.md").read_text()
     for row in rows:
         assert f"| {row} |" in table
@@ -40,7 +43,8 @@ def check_table(out: Path, rows: list[str]) -> list[dict]:
 def test_ptb_text_rows_in_parallel(tmp_path, shared_data):
     rows = ["decoder-only", "vae", "aggressive"]
     run_example("ptb_text.py", "--data", str(shared_data / "ptb"), "--train-sentences", "64",
-                "--eval-sentences", "20", "--epochs", "1", "--iw-samples", "5", "--rows", ",".join(rows),
+                "--valid-sentences", "30", "--test-sentences", "30", "--iw-sentences", "10", "--epochs", "1",
+                "--iw-samples", "5", "--rows", ",".join(rows),
                 "--jobs", "2", "--out", str(tmp_path / "ptb"), cwd=tmp_path)
     results = {r["row"]: r for r in check_table(tmp_path / "ptb", rows)}
     assert results["aggressive"]["aggressive_epochs"] == 1 and results["vae"]["aggressive_epochs"] == 0
