@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import multiprocessing
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -39,7 +40,8 @@ def add_common_options(parser: argparse.ArgumentParser, *, out: str) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=783435)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per row")
-    parser.add_argument("--jobs", type=int, default=1, help="rows trained at once, in separate processes (CPU)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="rows trained at once, in separate processes (default: 2, or 1 on a one-core machine)")
     parser.add_argument("--out", type=Path, default=Path(out), help="folder for results.json and table.md")
 
 
