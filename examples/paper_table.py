@@ -41,7 +41,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, out: str) -> None:
     parser.add_argument("--seed", type=int, default=783435)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per row")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="rows trained at once, in separate processes (default: 2, or 1 on a one-core machine)")
+                        help="rows trained at once on the CPU, in separate processes (default: 2, or 1 on a one-core machine)")
     parser.add_argument("--out", type=Path, default=Path(out), help="folder for results.json and table.md")
 
 
@@ -109,6 +109,8 @@ def run_rows(
         raise SystemExit(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     _JOB.update(build_pair=build_pair, train=train, valid=valid, test=test, epochs=epochs, iw_samples=iw_samples,
                 seed=seed, tokens=tokens, fit_options=fit_options, threads=threads, usage=usage)
+    if str(fit_options.get("device") or "cpu") != "cpu":
+        jobs = 1  # a forked process cannot use a CUDA context its parent opened
     done: dict[str, dict] = {}
     started = time.perf_counter()
     if jobs <= 1:
