@@ -39,7 +39,9 @@ def main() -> None:
     test = ImageBatches(test_images, 50, binarize="fixed", shuffle=False, seed=args.seed + 1, device=args.device)
     preset = "paper" if args.paper else "small"
     epochs = args.epochs or (100 if args.paper else 8)
-    fit_options = {"device": args.device} if args.paper else {"device": args.device, "max_aggressive_epochs": 2}
+    fit_options = {"device": args.device, "stop_rule": args.stop_rule, "patience": args.patience}
+    if not args.paper:
+        fit_options["max_aggressive_epochs"] = 2
     run_rows(lambda: build("pixelcnn-image", preset), train, valid, test, rows=args.rows.split(","), epochs=epochs,
              iw_samples=args.iw_samples, seed=args.seed, tokens=None, out=args.out, fit_options=fit_options,
              threads=args.threads, jobs=args.jobs)

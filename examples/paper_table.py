@@ -42,7 +42,11 @@ def add_common_options(parser: argparse.ArgumentParser, *, out: str) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per row")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="rows trained at once on the CPU, in separate processes (default: 2, or 1 on a one-core machine)")
+    parser.add_argument("--stop-rule", choices=["drop", "patience"], default=None,
+                        help="how validation MI ends aggressive mode (default: the reference's for the data kind)")
+    parser.add_argument("--patience", type=int, default=5, help="epochs without a new best MI, for --stop-rule patience")
     parser.add_argument("--out", type=Path, default=Path(out), help="folder for results.json and table.md")
+
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:

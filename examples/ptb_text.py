@@ -52,7 +52,8 @@ def main() -> None:
     epochs = args.epochs or (40 if args.paper else 6)
     run_rows(lambda: build("lstm-text", preset, vocab_size=len(vocab)), train, valid, test,
              rows=args.rows.split(","), epochs=epochs, iw_samples=args.iw_samples, seed=args.seed, tokens=tokens,
-             out=args.out, fit_options={"device": args.device}, threads=args.threads, jobs=args.jobs, usage=usage)
+             out=args.out, fit_options={"device": args.device, "stop_rule": args.stop_rule, "patience": args.patience},
+             threads=args.threads, jobs=args.jobs, usage=usage)
 
 
 if __name__ == "__main__":
