@@ -107,6 +107,18 @@ def one_batch_and_pair(args: argparse.Namespace, device: torch.device) -> tuple[
     return x, build_pair(args.size, len(vocab), device, seed=args.seed)
 
 
+def plain_and_aggressive_svi(pair: torch.nn.Module, x: torch.Tensor):
+    """``pyro.infer.SVI`` and ``AggressiveSVI`` on one pair (Trace_ELBO, SGD lr 1e-3), the split probed on ``x``."""
+    import pyro.optim
+    from pyro.infer import SVI, Trace_ELBO
+    from pyro_lag import AggressiveSVI
+
+    plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
+    aggressive = AggressiveSVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
+    aggressive.split_params(x)
+    return plain, aggressive
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

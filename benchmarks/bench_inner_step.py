@@ -11,12 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pyro
-import pyro.optim
-from pyro.infer import SVI, Trace_ELBO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pyro_lag import AggressiveSVI  # noqa: E402
 
 try:
     from benchmarks import bench_common as common
@@ -32,9 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = common.setup(args)
 
     x, pair = common.one_batch_and_pair(args, device)
-    plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
-    aggressive = AggressiveSVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
-    aggressive.split_params(x)
+    plain, aggressive = common.plain_and_aggressive_svi(pair, x)
 
     times = common.interleaved({
         "full_svi_step": lambda: plain.step(x),

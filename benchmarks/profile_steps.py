@@ -13,13 +13,9 @@ import copy
 import sys
 from pathlib import Path
 
-import pyro
-import pyro.optim
-from pyro.infer import SVI, Trace_ELBO
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pyro_lag import AggressiveSVI  # noqa: E402
 
 try:
     from benchmarks import bench_common as common
@@ -56,9 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = common.setup(args)
 
     x, pair = common.one_batch_and_pair(args, device)
-    plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
-    aggressive = AggressiveSVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())
-    aggressive.split_params(x)
+    plain, aggressive = common.plain_and_aggressive_svi(pair, x)
     reference = ReferenceAggressiveLoop(copy.deepcopy(pair), lambda: x, lr=1e-3, kl="mc")
 
     cuda = device.type == "cuda"
