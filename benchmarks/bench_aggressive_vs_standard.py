@@ -30,27 +30,16 @@ except ImportError:  # run as a script from the benchmarks folder
     import bench_common as common
 
 
-def lengths(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__)
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lengths", default="16,17,18,19,20,21,22,23", help="train sentence lengths (with <s>, </s>)")
-    p.add_argument("--per-length", type=int, default=32, help="train sentences of each length")
-    p.add_argument("--valid-lengths", default="18,20,22", help="validation sentence lengths")
-    p.add_argument("--valid-per-length", type=int, default=32)
+    common.add_slice_options(p, lengths="16,17,18,19,20,21,22,23", per_length=32)
     p.add_argument("--max-inner-steps", type=int, default=100)
     p.add_argument("--check-every", type=int, default=15)
     args = p.parse_args(argv)
     device = common.setup(args)
 
-    vocab = common.vocabulary(args.data)
-    train_corpus = common.ptb_slice(args.data, "train", vocab, lengths=lengths(args.lengths), per_length=args.per_length)
-    valid_corpus = common.ptb_slice(
-        args.data, "valid", vocab, lengths=lengths(args.valid_lengths), per_length=args.valid_per_length
-    )
+    vocab, train_corpus, valid_corpus = common.slices(args)
 
     def run(method: str, epochs: int = args.epochs, max_inner_steps: int = args.max_inner_steps) -> tuple[float, list[dict]]:
         train = TextBatches(train_corpus, args.batch_size, seed=args.seed)

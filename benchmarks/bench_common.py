@@ -107,6 +107,29 @@ def one_batch_and_pair(args: argparse.Namespace, device: torch.device) -> tuple[
     return x, build_pair(args.size, len(vocab), device, seed=args.seed)
 
 
+def add_slice_options(p: argparse.ArgumentParser, *, lengths: str, per_length: int, valid: bool = True) -> None:
+    """``--lengths``/``--per-length`` for the training slice, and ``--valid-lengths``/``--valid-per-length``."""
+    p.add_argument("--lengths", default=lengths, help="train sentence lengths (with <s>, </s>), comma-separated")
+    p.add_argument("--per-length", type=int, default=per_length, help="train sentences of each length")
+    if valid:
+        p.add_argument("--valid-lengths", default="18,20,22", help="validation sentence lengths")
+        p.add_argument("--valid-per-length", type=int, default=32, help="validation sentences of each length")
+
+
+def slices(args: argparse.Namespace) -> tuple[Vocabulary, TextCorpus, TextCorpus | None]:
+    """The vocabulary and the training (and, when the options exist, validation) slices the options name."""
+    vocab = vocabulary(args.data)
+
+    def lengths(text: str) -> list[int]:
+        return [int(v) for v in text.split(",")]
+
+    train = ptb_slice(args.data, "train", vocab, lengths=lengths(args.lengths), per_length=args.per_length)
+    valid = None
+    if hasattr(args, "valid_lengths"):
+        valid = ptb_slice(args.data, "valid", vocab, lengths=lengths(args.valid_lengths), per_length=args.valid_per_length)
+    return vocab, train, valid
+
+
 def plain_and_aggressive_svi(pair: torch.nn.Module, x: torch.Tensor):
     """``pyro.infer.SVI`` and ``AggressiveSVI`` on one pair (Trace_ELBO, SGD lr 1e-3), the split probed on ``x``."""
     import pyro.optim

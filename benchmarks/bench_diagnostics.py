@@ -38,17 +38,9 @@ except ImportError:  # run as a script from the benchmarks folder
 PTB_VALID_OVER_TRAIN = 3370 / 42068
 
 
-def lengths(text: str) -> list[int]:
-    return [int(v) for v in text.split(",")]
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__)
-    p.add_argument("--lengths", default="14,15,16,17,18,19,20,21,22,23,24,25",
-                   help="train sentence lengths (with <s>, </s>)")
-    p.add_argument("--per-length", type=int, default=96, help="train sentences of each length")
-    p.add_argument("--valid-lengths", default="18,20,22", help="validation sentence lengths")
-    p.add_argument("--valid-per-length", type=int, default=32)
+    common.add_slice_options(p, lengths="14,15,16,17,18,19,20,21,22,23,24,25", per_length=96)
     p.add_argument("--repeats", type=int, default=3, help="timed epochs (and evaluations)")
     p.add_argument("--iw-samples", type=int, default=500)
     p.add_argument("--iw-chunk", type=int, default=50)
@@ -57,11 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = common.setup(args)
 
-    vocab = common.vocabulary(args.data)
-    train_corpus = common.ptb_slice(args.data, "train", vocab, lengths=lengths(args.lengths), per_length=args.per_length)
-    valid_corpus = common.ptb_slice(
-        args.data, "valid", vocab, lengths=lengths(args.valid_lengths), per_length=args.valid_per_length
-    )
+    vocab, train_corpus, valid_corpus = common.slices(args)
     train = TextBatches(train_corpus, args.batch_size, seed=args.seed, device=device)
     valid = TextBatches(valid_corpus, args.batch_size, shuffle=False, device=device)
     iw_sentences = TextBatches(valid_corpus, args.iw_batch, shuffle=False, device=device)

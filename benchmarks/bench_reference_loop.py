@@ -65,16 +65,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--kl", choices=sorted(LOSSES), default="closed",
                    help="closed-form KL (the reference; TraceMeanField_ELBO) or Monte Carlo (Trace_ELBO)")
     p.add_argument("--inner-steps", type=int, default=10)
-    p.add_argument("--lengths", default="20,21,22,23", help="sentence lengths of the PTB slice (with <s>, </s>)")
-    p.add_argument("--per-length", type=int, default=64, help="sentences of each length")
+    common.add_slice_options(p, lengths="20,21,22,23", per_length=64, valid=False)
     p.add_argument("--repeats", type=int, default=20, help="timed single inner and model steps per side")
     p.add_argument("--epochs", type=int, default=3, help="timed epochs per side")
     args = p.parse_args(argv)
     device = common.setup(args)
 
-    vocab = common.vocabulary(args.data)
-    lengths = [int(v) for v in args.lengths.split(",")]
-    corpus = common.ptb_slice(args.data, "train", vocab, lengths=lengths, per_length=args.per_length)
+    vocab, corpus, _ = common.slices(args)
     ref_train = TextBatches(corpus, args.batch_size, seed=args.seed, device=device)
     svi_train = TextBatches(corpus, args.batch_size, seed=args.seed, device=device)
     (x,) = next(iter(ref_train.iter_from(0, 0)))
