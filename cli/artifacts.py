@@ -244,7 +244,7 @@ def write_diagnostics(run: RunDirectory, handle: PairHandle, batch: Optional[Any
 
     plain_metrics = {k: v for k, v in metrics.items() if v is not None}
     if batch is not None:
-        idata = to_inference_data(guide=handle.guide, batch=batch, num_draws=200, max_obs=8,
+        idata = to_inference_data(guide=handle.guide, model=handle.model, batch=batch, num_draws=200, max_obs=8,
                                   history=history, metrics=plain_metrics)
     else:
         idata = to_inference_data(history=history, metrics=plain_metrics)

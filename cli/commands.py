@@ -94,7 +94,8 @@ def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: 
         ("PPL", perplexity(metrics) if kind == "text" else None, "per token, from IW-NLL"),
         ("-ELBO", -metrics["elbo"] if metrics.get("elbo") is not None else None, "nats per data point"),
         ("KL", metrics.get("kl"), "KL(q(z|x) || p(z)), nats per data point"),
-        ("MI", metrics.get("mi"), f"I_q(x; z), batch size {_fmt(metrics.get('mi_batch_size'), 3)}"),
+        ("MI", metrics.get("mi"), f"I_q(x; z) ± {_fmt(metrics.get('mi_se'), 2)} (standard error), "
+                                  f"{_fmt(metrics.get('mi_pairs'), 6)} pairs"),
         ("AU", metrics.get("au"), "active units (posterior-mean variance >= 0.01)"),
     ]
     for name, value, note in rows:

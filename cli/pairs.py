@@ -20,7 +20,7 @@ import click
 import pyro
 from pyro import poutine
 
-from pyro_lag.sites import NoLocalLatentError, find_data_plate, is_latent, normalize_batch
+from pyro_lag.sites import NoLocalLatentError, is_latent, normalize_batch, require_local_latent
 
 DEFAULT_MODEL = {"text": "lstm-text", "image": "mlp-image"}
 SYNTHETIC_MODEL = "synthetic"
@@ -165,7 +165,7 @@ def check_local_latents(handle: PairHandle, batch: Any) -> bool:
         trace = poutine.trace(poutine.block(handle.guide, hide_types=["param"])).get_trace(*args, **kwargs)
         if not any(is_latent(site) for site in trace.nodes.values()):
             return False
-        find_data_plate(trace)
+        require_local_latent(trace)
     except NoLocalLatentError as exc:
         raise click.UsageError(f"MODEL '{handle.spec}': {exc}") from None
     finally:

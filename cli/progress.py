@@ -30,7 +30,7 @@ def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
         f"train loss {_num(row.get('train_loss'))}",
         f"val ELBO {_num(row.get('elbo'))}",
         f"KL {_num(row.get('kl'))}",
-        f"MI {_num(row.get('mi'))}",
+        f"MI {_num(row.get('mi'))}" + (f" ± {_num(row.get('mi_se'))}" if row.get("mi_se") is not None else ""),
         f"AU {row.get('au') if row.get('au') is not None else '–'}",
     ]
     if row.get("aggressive"):

@@ -1,6 +1,6 @@
 """LSTM-VAE for sentences (He et al. 2019, text experiments), as a Pyro model/guide pair.
 
-Encoder: embedding -> LSTM -> last hidden state -> linear map to (loc, log-scale).
+Encoder: embedding -> LSTM -> last hidden state -> linear map to (loc, log-variance), as the reference.
 Decoder: LSTM language model whose initial state is c0 = W z, h0 = tanh(c0), with z
 concatenated to every input embedding; dropout on the input embeddings and on the
 LSTM output. Initialisation follows the paper's reference code: every weight
@@ -74,7 +74,7 @@ class NextTokenCategorical(dist.TorchDistribution):
 
 
 class LSTMEncoder(nn.Module):
-    """Embedding -> one-layer LSTM -> linear map of the last hidden state to (loc, log-scale)."""
+    """Embedding -> one-layer LSTM -> linear map of the last hidden state to (loc, log-variance)."""
 
     def __init__(self, vocab_size: int, ni: int, nh: int, latent_dim: int) -> None:
         super().__init__()
@@ -84,8 +84,8 @@ class LSTMEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, (h_last, _) = self.lstm(self.embed(x))
-        loc, log_scale = self.linear(h_last[-1]).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        loc, log_variance = self.linear(h_last[-1]).chunk(2, dim=-1)
+        return loc, (0.5 * log_variance).exp()  # log-variance, as the paper's encoder
 
 
 class LSTMDecoder(nn.Module):

@@ -31,8 +31,8 @@ class MLPEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, log_scale = self.net(x).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        loc, log_variance = self.net(x).chunk(2, dim=-1)
+        return loc, (0.5 * log_variance).exp()  # log-variance, as the paper's encoder
 
 
 class MLPDecoder(nn.Module):

@@ -134,8 +134,8 @@ class ResNetEncoder(nn.Module):
         self.linear = nn.Linear(hidden, 2 * latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loc, log_scale = self.linear(self.main(x)).chunk(2, dim=-1)
-        return loc, log_scale.exp()
+        loc, log_variance = self.linear(self.main(x)).chunk(2, dim=-1)
+        return loc, (0.5 * log_variance).exp()  # log-variance, as the paper's encoder
 
 
 class PixelCNNImageVAE(LatentPair):

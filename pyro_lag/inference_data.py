@@ -24,6 +24,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lag.densities import SiteDensity
 from pyro_lag.sites import (
     find_data_plate,
     is_latent,
@@ -56,7 +57,8 @@ def _local_latent_values(trace, data_plate: str, sites: Sequence[str] | None) ->
     """``{site: value as [obs, latent_dim]}`` for the local latents of one guide trace.
 
     Defaults to every non-auxiliary latent site in the data plate (for AutoNormal the
-    constrained sites the model sees, not the auxiliary ``*_unconstrained`` ones).
+    constrained sites the model sees, not the auxiliary ``*_unconstrained`` ones). Entries
+    masked out for a data point (padded time steps) are NaN.
     """
     if sites is None:
         local = local_latent_sites(trace, data_plate, include_delta=True)
@@ -76,14 +78,13 @@ def _local_latent_values(trace, data_plate: str, sites: Sequence[str] | None) ->
         frame = site_frame(site, data_plate)
         if frame is None:
             raise ValueError(f"sites: {name!r} is not inside the data plate {data_plate!r}")
-        value = site["value"]
-        axis = value.dim() - site["fn"].event_dim + frame.dim
-        if axis < 0 or value.shape[axis] != frame.size:
-            raise ValueError(
-                f"site {name!r}: value of shape {tuple(value.shape)} does not span "
-                f"plate {data_plate!r} of size {frame.size}"
-            )
-        value = value.movedim(axis, 0)
+        density = SiteDensity.of(name, site, frame.dim)
+        value = site["value"].to(torch.get_default_dtype()) if not site["value"].is_floating_point() else site["value"]
+        if density.mask is not None:
+            event = value.dim() - density.mask.dim()
+            present = density.mask.reshape(density.mask.shape + (1,) * event).expand(value.shape)
+            value = value.masked_fill(~present, math.nan)
+        value = value.movedim(density.position, 0)
         values[name] = value.reshape(value.shape[0], -1)
     return values
 
@@ -95,14 +96,16 @@ def posterior_draws(
     sites: Sequence[str] | None = None,
     max_obs: int | None = None,
     data_plate: str | None = None,
+    model: Callable | None = None,
 ) -> dict[str, torch.Tensor]:
     """Sample the guide's local latents for the observations of one batch.
 
     Runs the guide ``num_draws`` times under ``poutine.trace`` without gradients and returns
     ``{site: Tensor[1, num_draws, obs, latent_dim]}`` (one chain: guide draws are independent).
     ``batch`` is a tuple of positional args, a bare tensor or an ``(args, kwargs)`` pair.
-    ``sites`` defaults to the non-auxiliary latent sites in the data plate (found as in
-    :mod:`pyro_lag.sites`, or named by ``data_plate``); ``max_obs`` keeps the first observations.
+    ``sites`` defaults to the non-auxiliary latent sites in the data plate: the plate that
+    holds the model's observations when ``model`` is given, or the one named ``data_plate``;
+    ``max_obs`` keeps the first observations.
     """
     if num_draws < 1:
         raise ValueError(f"num_draws must be at least 1, got {num_draws}")
@@ -113,8 +116,12 @@ def posterior_draws(
     with torch.no_grad():
         for _ in range(num_draws):
             trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            plate = find_data_plate(trace, data_plate)
-            for name, value in _local_latent_values(trace, plate, sites).items():
+            if data_plate is None:
+                model_trace = None
+                if model is not None:
+                    model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(*args, **kwargs)
+                data_plate = find_data_plate(trace, model_trace=model_trace, batch=(args, kwargs))
+            for name, value in _local_latent_values(trace, data_plate, sites).items():
                 draws.setdefault(name, []).append(value[:max_obs])
     return {name: torch.stack(values).unsqueeze(0) for name, values in draws.items()}
 
@@ -291,12 +298,15 @@ def to_inference_data(
     history: Sequence[Mapping[str, Any]] | None = None,
     metrics: Mapping[str, Any] | None = None,
     threshold: float = ACTIVE_THRESHOLD,
+    model: Callable | None = None,
+    data_plate: str | None = None,
 ) -> "arviz.InferenceData":
     """Collect posterior draws, latent usage, training history and metrics in one InferenceData.
 
     Draws come either from ``posterior_draws`` (``{site: [chain, draw, obs, latent_dim]}``) or
     are sampled from ``guide`` on ``batch`` (``num_draws`` draws of the first ``max_obs``
-    observations). ``usage`` defaults to the per-dimension entries of ``metrics`` (``au_var``
+    observations; ``model`` or ``data_plate`` tell the data plate where the guide alone cannot).
+    ``usage`` defaults to the per-dimension entries of ``metrics`` (``au_var``
     and ``kl_dim``, as :func:`pyro_lag.evaluate` returns). Scalar metrics go to ``idata.attrs``.
     """
     az = _arviz()
@@ -305,7 +315,8 @@ def to_inference_data(
     if guide is not None:
         if batch is None:
             raise ValueError("to_inference_data: guide needs a batch to draw the posterior for")
-        posterior_draws = _sample_posterior(guide, batch, num_draws=num_draws, max_obs=max_obs)
+        posterior_draws = _sample_posterior(guide, batch, num_draws=num_draws, max_obs=max_obs,
+                                            data_plate=data_plate, model=model)
     if usage is None and metrics is not None and "au_var" in metrics:
         usage = metrics
 

@@ -33,6 +33,10 @@ class NoLocalLatentError(ValueError):
     """The guide samples no local latent variable inside a data plate, so latent usage is undefined."""
 
 
+class AmbiguousDataPlateError(ValueError):
+    """Several unrelated plates hold latents and nothing tells which one holds the data."""
+
+
 def normalize_batch(batch: Batch) -> tuple[tuple, dict]:
     """Turn a batch into ``(args, kwargs)``: a bare tensor is a one-argument call."""
     if isinstance(batch, torch.Tensor):
@@ -85,15 +89,56 @@ def site_frame(site: dict, plate: str) -> Any | None:
     return None
 
 
-def find_data_plate(trace: Trace, data_plate: str | None = None) -> str:
-    """Name of the subsampled data plate of a guide trace.
+def _sequential_latent(trace: Trace) -> str | None:
+    """A latent site inside a sequential (non-vectorized) plate, described for an error message."""
+    for name, site in trace.nodes.items():
+        if is_latent(site) and not is_delta(site["fn"]):
+            for frame in site["cond_indep_stack"]:
+                if not frame.vectorized:
+                    return f"site '{name}' is inside plate '{frame.name}' iterated sequentially"
+    return None
 
-    The plate that holds the most non-point-mass latent sites; ties go to a plate
-    that is subsampled, then to the outermost one. ``data_plate`` overrides.
+
+def observed_plates(model_trace: Trace) -> set[str]:
+    """Names of the vectorized plates that hold an observed sample site of a model trace."""
+    names: set[str] = set()
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
+            names.update(f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE)
+    return names
+
+
+def _batch_sizes(batch: tuple[tuple, dict] | None) -> set[int]:
+    """Every dim size of every tensor in a batch: a data plate's size is one of them."""
+    sizes: set[int] = set()
+    if batch is None:
+        return sizes
+    args, kwargs = batch
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            sizes.update(int(n) for n in value.shape)
+    return sizes
+
+
+def find_data_plate(
+    trace: Trace,
+    data_plate: str | None = None,
+    *,
+    model_trace: Trace | None = None,
+    batch: tuple[tuple, dict] | None = None,
+) -> str:
+    """Name of the data plate of a guide trace: the plate that holds the local latents and the data.
+
+    With the model's trace, the data plate is the outermost plate holding both a latent
+    site of the guide and an observed site of the model (a global plate such as LDA's
+    ``topics`` holds no observation). With the guide alone, plates whose size is one of
+    the batch's tensor sizes come first; then the plate with the most latent sites, a
+    subsampled one, the outermost one. ``data_plate`` overrides.
     """
     counts: Counter = Counter()
     subsampled: set[str] = set()
     outer_rank: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for site in trace.nodes.values():
         if not is_latent(site) or is_delta(site["fn"]):
             continue
@@ -103,20 +148,65 @@ def find_data_plate(trace: Trace, data_plate: str | None = None) -> str:
                 continue
             counts[frame.name] += 1
             outer_rank.setdefault(frame.name, rank)
+            value = site["value"]
+            axis = value.dim() - len(site["fn"].event_shape) + frame.dim
+            sizes.setdefault(frame.name, int(value.shape[axis]) if 0 <= axis < value.dim() else -1)
             if frame.full_size is not None and frame.full_size != frame.size:
                 subsampled.add(frame.name)
     if data_plate is not None:
         if data_plate not in counts:
             raise NoLocalLatentError(
-                f"the guide samples no latent variable inside plate {data_plate!r}"
+                f"the guide samples no latent variable inside a vectorized plate named {data_plate!r}"
+                + (f" (plates with latents: {', '.join(sorted(counts))})" if counts else "")
             )
         return data_plate
     if not counts:
+        sequential = _sequential_latent(trace)
+        if sequential is not None:
+            raise NoLocalLatentError(
+                f"{sequential}: the estimators need the data plate vectorized (with pyro.plate(...) as ...)"
+            )
+        names = [n for n, site in trace.nodes.items() if is_latent(site) and not is_delta(site["fn"])]
+        found = f" (its latent sites {', '.join(repr(n) for n in names)} are global)" if names else ""
         raise NoLocalLatentError(
             "the guide has no local latent site: no latent sample statement inside a "
-            "vectorized pyro.plate (a guide such as AutoDiagonalNormal has only global latents)"
+            f"vectorized pyro.plate{found}; a guide such as AutoDiagonalNormal has only global latents"
         )
-    return max(counts, key=lambda n: (counts[n], n in subsampled, -outer_rank[n]))
+    candidates = list(counts)
+    if model_trace is not None:
+        holding_data = [n for n in candidates if n in observed_plates(model_trace)]
+        if holding_data:
+            return min(holding_data, key=lambda n: (outer_rank[n], -counts[n]))
+    matching = [n for n in candidates if sizes[n] in _batch_sizes(batch)]
+    if matching:
+        candidates = matching
+    chosen = max(candidates, key=lambda n: (counts[n], n in subsampled, -outer_rank[n]))
+    outside = _latents_outside(trace, chosen, candidates)
+    if outside:
+        raise AmbiguousDataPlateError(
+            f"cannot tell the data plate from the guide alone: plates {', '.join(repr(n) for n in sorted(counts))} "
+            f"hold latents ({outside}); pass model= (its observed sites mark the data plate) or data_plate="
+        )
+    return chosen
+
+
+def require_local_latent(trace: Trace) -> None:
+    """Raise :class:`NoLocalLatentError` (naming the sites) when a guide trace has no local latent site."""
+    try:
+        find_data_plate(trace)
+    except AmbiguousDataPlateError:
+        pass  # several plates hold latents: there are local ones
+
+
+def _latents_outside(trace: Trace, chosen: str, candidates: list[str]) -> str:
+    """A latent site in another candidate plate but not in ``chosen``, described (empty when none)."""
+    for name, site in trace.nodes.items():
+        if not is_latent(site) or is_delta(site["fn"]) or site_frame(site, chosen) is not None:
+            continue
+        plates = [f.name for f in site["cond_indep_stack"] if f.vectorized and f.name in candidates]
+        if plates:
+            return f"site '{name}' is in plate '{plates[0]}' but not in '{chosen}'"
+    return ""
 
 
 @dataclass
@@ -178,6 +268,8 @@ def sum_to_plate(values: torch.Tensor, plate_dim: int, keep_left: int = 0) -> to
 
 def point_log_prob(site: dict, data_plate: str, keep_left: int = 0) -> torch.Tensor | None:
     """A site's unscaled log-density summed to one value per data point, or None outside the plate."""
+    if site_is_subsample(site):
+        return None
     frame = site_frame(site, data_plate)
     if frame is None:
         return None
@@ -382,7 +474,7 @@ def probe_param_split(
     theta = _connected(_log_density(model_trace, latent_only=False), params)
 
     try:
-        find_data_plate(guide_trace)
+        require_local_latent(guide_trace)
         split = ParamSplit(has_local_latent=True)
     except NoLocalLatentError:
         split = ParamSplit(has_local_latent=False)

@@ -8,61 +8,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import warnings
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, SVI
-from pyro.ops.jit import CompiledFunction
 from pyro.infer.util import torch_item, zero_grads
+from pyro.ops.jit import CompiledFunction
 from pyro.optim import PyroOptim
 
-from .sites import Override, ParamSplit, normalize_batch, probe_param_split
+from .clipping import CLIP_SCOPES, GradientClipper
+from .inner_loop import InnerLoopStopper, examples_in
+from .seen_batches import SeenBatches
+from .sites import Override, ParamSplit, normalize_batch, preserved_rng, probe_param_split
+from .stop_rules import STOP_RULES, MIStopRule
 
-STOP_RULES = ("drop", "patience")
-
-
-class InnerLoopStopper:
-    """The reference code's stop rule for the guide-only inner loop.
-
-    Losses are summed over windows of ``check_every`` steps and normalised (per token
-    for text, per example for images); the loop stops when a window's normalised loss
-    is above the previous window's, or after ``max_steps`` steps.
-    """
-
-    def __init__(self, check_every: int = 15, max_steps: int = 100) -> None:
-        if check_every < 1 or max_steps < 1:
-            raise ValueError("check_every and max_inner_steps must be positive integers")
-        self.check_every = check_every
-        self.max_steps = max_steps
-        self.steps = 0
-        self._previous = math.inf
-        self._window_loss = 0.0
-        self._window_count = 0.0
-
-    def update(self, loss: float, count: float = 1.0) -> bool:
-        """Record one inner step's summed loss over ``count`` units; return True to stop."""
-        self.steps += 1
-        self._window_loss += loss
-        self._window_count += count
-        if self.steps % self.check_every == 0:
-            current = self._window_loss / max(self._window_count, 1e-12)
-            if current > self._previous:
-                return True
-            self._previous = current
-            self._window_loss = 0.0
-            self._window_count = 0.0
-        return self.steps >= self.max_steps
-
-
-def _default_normalizer(args: tuple, kwargs: dict) -> float:
-    """Examples in a batch: the leading size of its first tensor argument, else 1."""
-    for value in list(args) + list(kwargs.values()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return float(value.shape[0])
-    return 1.0
+__all__ = ["AggressiveSVI", "InnerLoopStopper", "STOP_RULES", "CLIP_SCOPES"]
 
 
 class _BatchSource:
@@ -116,20 +78,36 @@ class AggressiveSVI(SVI):
     :param guide: the amortized guide (parameters phi).
     :param optim: a PyroOptim; steps the model's parameters, and the guide's unless
         ``guide_optim`` is given.
-    :param loss: an ELBO instance (Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, Jit variants).
+    :param loss: an ELBO instance (Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, Jit
+        variants). TraceMeanField_ELBO computes the KL in closed form, as the paper does;
+        its gradients are far less noisy than Trace_ELBO's one-sample KL.
     :param guide_batches: fresh random minibatches for inner steps: an iterable (cycled) or a
         zero-argument callable, each batch the positional args or an ``(args, kwargs)`` pair.
-        Without it every inner step reuses the step's own batch.
+        Without it inner steps draw batches of the step's own kind from those ``step`` has
+        seen (a bounded uniform sample).
     :param guide_optim: a separate PyroOptim for the guide (the paper: SGD for encoder and decoder).
     :param max_inner_steps: at most this many guide-only steps per model step.
     :param check_every: window length of the inner loop's stop rule.
-    :param clip_norm: clip the global gradient norm of the stepped parameters (reference: 5.0).
-    :param stop_rule: ``"drop"`` (text: stop at the first validation MI below the previous) or
-        ``"patience"`` (images: stop after ``patience`` checks without a new best MI).
+    :param clip_norm: clip the global gradient norm (reference: 5.0; None: no clipping).
+    :param clip_scope: ``"joint"`` (default): as the reference, one norm over guide and model
+        gradients; a one-sided step scales its gradients by that joint norm, the other side's
+        part taken from its latest computed gradient (a guide-only step then still never
+        computes the model's gradients). ``"joint-exact"``: one-sided steps compute both
+        sides' gradients, as the reference does, at the cost of a full backward pass.
+        ``"separate"``: each side's gradients are clipped alone.
+    :param stop_rule: how MI estimates end aggressive mode: ``"drop"`` (default: MI fell below its
+        best by more than ``mi_noise`` standard errors, or has not risen by that margin for
+        ``patience`` checks), ``"paper"`` (the reference's text rule: the first MI below the
+        previous) or ``"patience"`` (the reference's image rule: ``patience`` checks without a
+        new best). See :class:`pyro_lag.stop_rules.MIStopRule`.
+    :param mi_every: without calls to :meth:`observe_mi`, estimate MI every this many steps on
+        ``mi_batches`` (or on batches ``step`` has seen) and apply the stop rule, so a literal
+        drop-in leaves aggressive mode by itself. None: only :meth:`observe_mi` ends it.
     :param inner_loss_normalizer: ``f(args, kwargs) -> float`` units per batch (tokens for text);
         default: examples, the leading size of the first tensor argument.
     :param guide_params, model_params: override the gradient-probed split by parameter name
         (glob patterns allowed) or module.
+    :param data_plate: the name of the data plate, where the estimators cannot find it alone.
     :param aggressive: start in aggressive mode (default True). The first step probes the
         program; one with nothing that can lag trains as plain SVI from that step on, with the
         reason in :attr:`plain_reason`: a guide with no local latent (no latent sample site
@@ -153,11 +131,16 @@ class AggressiveSVI(SVI):
         max_inner_steps: int = 100,
         check_every: int = 15,
         clip_norm: float | None = None,
+        clip_scope: str = "joint",
         stop_rule: str = "drop",
-        patience: int = 5,
+        patience: int = 2,
+        mi_noise: float = 2.0,
+        mi_every: int | None = 25,
+        mi_batches: Iterable[Any] | None = None,
         inner_loss_normalizer: Callable[[tuple, dict], float] | None = None,
         guide_params: Override = (),
         model_params: Override = (),
+        data_plate: str | None = None,
         aggressive: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -167,86 +150,124 @@ class AggressiveSVI(SVI):
         )
         if guide_optim is not None and not isinstance(guide_optim, PyroOptim):
             raise ValueError("guide_optim must be a pyro.optim.PyroOptim, like optim")
-        if stop_rule not in STOP_RULES:
-            raise ValueError(f"stop_rule must be one of {STOP_RULES}, got {stop_rule!r}")
-        if patience < 1:
-            raise ValueError("patience must be a positive integer")
-        if clip_norm is not None and clip_norm <= 0:
-            raise ValueError("clip_norm must be positive or None")
+        if mi_every is not None and (not isinstance(mi_every, int) or mi_every < 1):
+            raise ValueError(f"mi_every must be a positive integer or None, got {mi_every!r}")
         InnerLoopStopper(check_every, max_inner_steps)  # validates the two counts
+        self.rule = MIStopRule(stop_rule, patience, mi_noise)
+        self.clipper = GradientClipper(clip_norm, clip_scope)
         self.guide_optim = guide_optim
         self.guide_batches = _BatchSource(guide_batches) if guide_batches is not None else None
         self.max_inner_steps = max_inner_steps
         self.check_every = check_every
-        self.clip_norm = clip_norm
-        self.stop_rule = stop_rule
-        self.patience = patience
-        self.inner_loss_normalizer = inner_loss_normalizer or _default_normalizer
+        self.mi_every = mi_every
+        self.mi_batches = list(mi_batches) if mi_batches is not None else None
+        self.inner_loss_normalizer = inner_loss_normalizer or examples_in
         self.guide_params_override = tuple(guide_params)
         self.model_params_override = tuple(model_params)
+        self.data_plate = data_plate
         self.aggressive = bool(aggressive)
         self.last_inner_steps = 0
         self.mi_history: list[float] = []
-        self._best_mi = 0.0
-        self._previous_mi = 0.0
-        self._checks_without_best = 0
+        self.mi_se_history: list[float | None] = []
+        self.plain_reason: str | None = None
+        self.stop_reason: str | None = None
+        self._seen = SeenBatches()
+        self._user_observes = False
+        self._steps_since_check = 0
         self._split: ParamSplit | None = None
         # Inner and model-only steps freeze different parameters; a JIT loss compiles the set of
         # parameters it sees, so each kind of step gets its own copy of the ELBO object.
         self._elbo = loss if isinstance(loss, ELBO) and loss_and_grads is None else None
         self._loss_object = loss
-        self.plain_reason: str | None = None
         self._step_losses: dict[str, Callable] = {}
+
+    @property
+    def clip_norm(self) -> float | None:
+        return self.clipper.max_norm
+
+    @property
+    def stop_rule(self) -> str:
+        return self.rule.rule
+
+    @property
+    def patience(self) -> int:
+        return self.rule.patience
 
     # ------------------------------------------------------------------ mode
 
-    def stop_aggressive(self) -> None:
+    def stop_aggressive(self, reason: str | None = None) -> None:
         """Leave aggressive mode for good: later steps are plain joint SVI steps."""
+        if self.aggressive:
+            self.stop_reason = reason or "stop_aggressive() was called"
         self.aggressive = False
 
-    def observe_mi(self, value: float) -> bool:
-        """Feed one validation MI (per epoch) to the stop rule; return whether still aggressive.
+    def observe_mi(self, value: float, se: float | None = None) -> bool:
+        """Feed one validation MI (and its standard error, ``evaluate``'s ``mi_se``) to the stop rule.
 
-        ``drop``: stop at the first value below the previous one (the first is compared
-        with 0, as in the reference). ``patience``: stop after ``patience`` values in a
-        row without a new best.
+        Returns whether aggressive mode is still on. Calling it hands the schedule to the
+        caller: AggressiveSVI stops estimating MI by itself. A non-finite value is refused.
         """
+        self._user_observes = True
+        return self._apply_rule(value, se)
+
+    def _apply_rule(self, value: float, se: float | None) -> bool:
         value = float(value)
+        keeps_going = self.rule.keeps_going(value, se)  # refuses NaN before anything is recorded
         self.mi_history.append(value)
-        if not self.aggressive:
-            return False
-        if self.stop_rule == "drop":
-            if value < self._previous_mi:
-                self.stop_aggressive()
-            self._previous_mi = value
-        else:
-            if value > self._best_mi:
-                self._best_mi = value
-                self._checks_without_best = 0
-            else:
-                self._checks_without_best += 1
-                if self._checks_without_best >= self.patience:
-                    self.stop_aggressive()
+        self.mi_se_history.append(None if se is None else float(se))
+        if self.aggressive and not keeps_going:
+            best = f"; best {self.rule.best:.4g}" if self.stop_rule != "paper" else ""
+            self.stop_aggressive(
+                f"stop rule '{self.stop_rule}' after MI check {len(self.mi_history)}: MI {value:.4g}"
+                + (f" (se {se:.2g})" if se is not None else "") + best
+            )
         return self.aggressive
+
+    def _checks_mi_by_itself(self) -> bool:
+        return self.aggressive and not self._user_observes and self.mi_every is not None
+
+    def _check_mi_by_itself(self) -> None:
+        """Without observe_mi calls: estimate MI every ``mi_every`` steps and apply the stop rule."""
+        if not self._checks_mi_by_itself():
+            return
+        self._steps_since_check += 1
+        if self._steps_since_check < self.mi_every:
+            return
+        self._steps_since_check = 0
+        from .diagnostics import estimate_mutual_information
+
+        batches = self.mi_batches if self.mi_batches is not None else self._seen.most_seen()
+        try:
+            with preserved_rng(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                estimate = estimate_mutual_information(
+                    self.guide, batches, model=self.model, data_plate=self.data_plate
+                )
+        except ValueError as error:  # a program shape the estimator refuses: say so, train on
+            self.stop_aggressive(f"MI cannot be estimated on this program ({error}); trained as plain SVI since")
+            return
+        self._apply_rule(estimate.value, estimate.se)
 
     def state_dict(self) -> dict:
         """The small state a checkpoint needs to resume the schedule (optimizer states live in the optims)."""
         return {
             "aggressive": self.aggressive,
             "mi_history": list(self.mi_history),
-            "best_mi": self._best_mi,
-            "previous_mi": self._previous_mi,
-            "checks_without_best": self._checks_without_best,
+            "mi_se_history": list(self.mi_se_history),
+            "rule": self.rule.state_dict(),
+            "clip_norms": self.clipper.state_dict(),
             "last_inner_steps": self.last_inner_steps,
+            "stop_reason": self.stop_reason,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.aggressive = bool(state["aggressive"])
         self.mi_history = [float(v) for v in state["mi_history"]]
-        self._best_mi = float(state["best_mi"])
-        self._previous_mi = float(state["previous_mi"])
-        self._checks_without_best = int(state["checks_without_best"])
+        self.mi_se_history = list(state.get("mi_se_history", [None] * len(self.mi_history)))
+        self.rule.load_state_dict(state["rule"])
+        self.clipper.load_state_dict(state.get("clip_norms", {}))
         self.last_inner_steps = int(state.get("last_inner_steps", 0))
+        self.stop_reason = state.get("stop_reason")
 
     # --------------------------------------------------------------- params
 
@@ -287,33 +308,40 @@ class AggressiveSVI(SVI):
     def _loss_and_grads(
         self, args: tuple, kwargs: dict, kind: str = "joint"
     ) -> tuple[Any, dict[str, torch.Tensor]]:
-        with poutine.trace(param_only=True) as capture:
+        with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
+            if kind != "joint":  # a JIT loss traces once per kind: its tracer warnings were shown already
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             loss = self._loss_for(kind)(self.model, self.guide, *args, **kwargs)
         params = {
             name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
         }
+        self._reduce_grads(list(params.values()))
         return loss, params
+
+    def _reduce_grads(self, params: list[torch.Tensor]) -> None:
+        """Hook after every backward pass (data-parallel training averages gradients across ranks here)."""
+
+    def _reduce_inner_loss(self, loss: float, count: float) -> tuple[float, float]:
+        """Hook for the inner loop's stop decision (data-parallel training sums across ranks here)."""
+        return loss, count
 
     def _apply(self, optim: PyroOptim, params: list[torch.Tensor]) -> None:
         if params:
             optim(params)
 
-    def _clip(self, params: Iterable[torch.Tensor]) -> None:
-        if self.clip_norm is not None:
-            with_grad = [p for p in params if p.grad is not None]
-            if with_grad:
-                torch.nn.utils.clip_grad_norm_(with_grad, self.clip_norm)
-
     def step(self, *args: Any, **kwargs: Any) -> Any:
         """One model step: the inner guide-only loop and a model-only step while aggressive,
         a joint step otherwise. Returns the loss of the model step's batch, as SVI does."""
         if self.aggressive and self._split is None:
-            return self._first_step(args, kwargs)
-        if not self.aggressive:
+            loss = self._first_step(args, kwargs)
+        elif not self.aggressive:
             self.last_inner_steps = 0
             return self._joint_step(args, kwargs)
-        self.last_inner_steps = self._inner_loop(args, kwargs)
-        return self._model_step(args, kwargs)
+        else:
+            self.last_inner_steps = self._inner_loop(args, kwargs)
+            loss = self._model_step(args, kwargs)
+        self._check_mi_by_itself()
+        return loss
 
     def _first_step(self, args: tuple, kwargs: dict) -> Any:
         """The first step: the loss and gradients exactly as SVI computes them, then the probe decides.
@@ -336,7 +364,7 @@ class AggressiveSVI(SVI):
             self.last_inner_steps = self._inner_loop(args, kwargs)
             return self._model_step(args, kwargs)
         self.plain_reason = reason
-        self.stop_aggressive()
+        self.stop_aggressive(f"nothing can lag: {reason}")
         self.last_inner_steps = 0
         return self._apply_joint(loss, params, args, kwargs)
 
@@ -348,7 +376,7 @@ class AggressiveSVI(SVI):
 
     def _apply_joint(self, loss: Any, params: dict[str, torch.Tensor], args: tuple, kwargs: dict) -> Any:
         """Step every parameter with its optimizer, after optional clipping, as SVI's step does."""
-        self._clip(params.values())
+        self.clipper.clip_all(params.values())
         if self.guide_optim is None:
             self._apply(self.optim, list(params.values()))
         else:
@@ -360,42 +388,52 @@ class AggressiveSVI(SVI):
         zero_grads(params.values())
         return _item(loss)
 
-    def inner_step(self, *args: Any, **kwargs: Any) -> float:
-        """One guide-only step: model parameters are frozen, so no gradient is computed for them."""
+    def _one_sided_step(self, side: str, args: tuple, kwargs: dict) -> Any:
+        """A guide-only (``side="guide"``) or model-only step: the other side is frozen unless the
+        clipping scope needs its gradient norm, and only ``side``'s parameters are stepped."""
         split = self._split if self._split is not None else self.split_params(*args, **kwargs)
-        with _frozen(split.model.values()):
-            loss, params = self._loss_and_grads(args, kwargs, "inner")
+        if side == "guide":
+            frozen = list(split.model.values())
+        else:
+            frozen = list(split.guide.values()) + list(split.other.values())
+        both = self.clipper.needs_other_side(side)
+        with _frozen([] if both else frozen):
+            loss, params = self._loss_and_grads(args, kwargs, "joint" if both else ("inner" if side == "guide" else "model"))
         if not split.known(params):
             split = self.split_params(*args, **kwargs)
-        stepped = [p for n, p in params.items() if split.side_of(n) != "model"]
-        self._clip(stepped)
-        self._apply(self.guide_optim or self.optim, stepped)
+
+        def on_side(name: str) -> bool:
+            return (split.side_of(name) == "model") == (side == "model")
+
+        stepped = [p for n, p in params.items() if on_side(n)]
+        other = [p for n, p in params.items() if not on_side(n) and split.side_of(n) != "other"]
+        self.clipper.clip_side(side, stepped, other)
+        optim = self.optim if side == "model" else (self.guide_optim or self.optim)
+        self._apply(optim, stepped)
         _drop_grads(params.values())
         return _item(loss)
 
+    def inner_step(self, *args: Any, **kwargs: Any) -> float:
+        """One guide-only step: model parameters are frozen, so no gradient is computed for them."""
+        return self._one_sided_step("guide", args, kwargs)
+
+    def _model_step(self, args: tuple, kwargs: dict) -> Any:
+        return self._one_sided_step("model", args, kwargs)
+
     def _inner_loop(self, args: tuple, kwargs: dict) -> int:
         stopper = InnerLoopStopper(self.check_every, self.max_inner_steps)
+        if self.guide_batches is None or self._checks_mi_by_itself():
+            self._seen.add(args, kwargs)
         batch_args, batch_kwargs = args, kwargs
         while True:
             loss = self.inner_step(*batch_args, **batch_kwargs)
             count = self.inner_loss_normalizer(batch_args, batch_kwargs)
-            if stopper.update(float(loss), count):
+            if stopper.update(*self._reduce_inner_loss(float(loss), count)):
                 return stopper.steps
             if self.guide_batches is not None:
                 batch_args, batch_kwargs = self.guide_batches.next()
-
-    def _model_step(self, args: tuple, kwargs: dict) -> Any:
-        split = self._split
-        assert split is not None
-        with _frozen(list(split.guide.values()) + list(split.other.values())):
-            loss, params = self._loss_and_grads(args, kwargs, "model")
-        if not split.known(params):
-            split = self.split_params(*args, **kwargs)
-        stepped = [p for n, p in params.items() if split.side_of(n) == "model"]
-        self._clip(stepped)
-        self._apply(self.optim, stepped)
-        _drop_grads(params.values())
-        return _item(loss)
+            else:
+                batch_args, batch_kwargs = self._seen.draw(args, kwargs)
 
 
 def _drop_grads(params: Iterable[torch.Tensor]) -> None:

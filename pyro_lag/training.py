@@ -18,7 +18,6 @@ import pyro
 import pyro.optim
 import torch
 from pyro import poutine
-from pyro.infer import Trace_ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -32,8 +31,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .diagnostics import eval_mode, evaluate
+from .losses import make_loss
 from .handlers import FreeBits, KLWeight, beta as beta_schedule, cyclical, linear_annealing
-from .sites import find_data_plate, is_latent, normalize_batch, raw_log_prob
+from .sites import is_latent, normalize_batch, raw_log_prob, require_local_latent
 from .svi import AggressiveSVI
 
 __all__ = ["fit", "FitResult", "TrainingDivergedError", "METHODS", "LAST_CHECKPOINT", "BEST_CHECKPOINT"]
@@ -45,7 +45,7 @@ BEST_CHECKPOINT = "best.pt"
 # Settings a resumed run must share with the run that wrote the checkpoint.
 _RESUME_KEYS = (
     "method", "anneal", "optim", "lr", "seed", "kl_start", "warm_up", "beta", "cycles", "cycle_ratio",
-    "free_bits", "stop_rule", "patience", "clip_norm", "max_inner_steps", "check_every",
+    "free_bits", "stop_rule", "patience", "mi_noise", "clip_norm", "clip_scope", "loss", "max_inner_steps", "check_every",
     "max_aggressive_epochs", "lr_decay", "decay_patience", "decay_after", "max_decays", "steps_per_epoch",
     "decoder_only",
 )
@@ -197,7 +197,7 @@ def _latent_sites(guide: Callable, args: tuple, kwargs: dict) -> List[str]:
     trace = poutine.trace(poutine.block(guide, hide_types=["param"])).get_trace(*args, **kwargs)
     if not any(is_latent(site) for site in trace.nodes.values()):
         return []
-    find_data_plate(trace)  # raises NoLocalLatentError for a guide with only global latents
+    require_local_latent(trace)  # a guide with only global latents is a clear error
     return [name for name, site in trace.nodes.items() if is_latent(site)]
 
 
@@ -297,6 +297,8 @@ def _resolve_settings(options: Dict[str, Any], kind: Optional[str], steps_per_ep
     o["lr"] = float(o["lr"])
     o["kind"] = kind
     o["stop_rule"] = o["stop_rule"] or ("drop" if text else "patience")
+    if o["patience"] is None:
+        o["patience"] = 5 if o["stop_rule"] == "patience" else 2
     if o["decay_patience"] is None:
         o["decay_patience"] = 2 if text else 20
     if o["decay_after"] is None:
@@ -389,11 +391,13 @@ class _Run:
             normalizer = lambda args, kwargs: float(train.normalizer(args)) / _num_points(args)  # noqa: E731
         else:
             normalizer = lambda args, kwargs: 1.0  # noqa: E731
+        elbo = make_loss(loss, model, guide, (first_args, first_kwargs))
         self.svi = AggressiveSVI(
-            train_model, train_guide, self._make_optim(settings["lr"]), loss if loss is not None else Trace_ELBO(),
+            train_model, train_guide, self._make_optim(settings["lr"]), elbo,
             guide_batches=self._guide_batch, guide_optim=self._make_optim(settings["lr"]),
             max_inner_steps=settings["max_inner_steps"], check_every=settings["check_every"],
-            clip_norm=settings["clip_norm"], stop_rule=settings["stop_rule"], patience=settings["patience"],
+            clip_norm=settings["clip_norm"], clip_scope=settings["clip_scope"], stop_rule=settings["stop_rule"],
+            patience=settings["patience"], mi_noise=settings["mi_noise"], mi_every=None,
             inner_loss_normalizer=normalizer, aggressive=settings["method"] == "aggressive" and not self.decoder_only,
         )
         # Probe the guide/model parameter split now (it draws random numbers), so that an
@@ -589,7 +593,7 @@ class _Run:
         metrics = self.evaluate(_eval_batches(self.valid))
         mi = metrics.get("mi")
         if self.svi.aggressive and mi is not None:
-            self.svi.observe_mi(mi)
+            self.svi.observe_mi(mi, metrics.get("mi_se"))
         if self.svi.aggressive and s["max_aggressive_epochs"] is not None and epoch + 1 >= s["max_aggressive_epochs"]:
             self.svi.stop_aggressive()
         val_loss = -float(metrics["elbo"])
@@ -608,6 +612,7 @@ class _Run:
             "recon": float(metrics["recon"]),
             "kl": float(metrics["kl"]),
             "mi": None if mi is None else float(mi),
+            "mi_se": None if metrics.get("mi_se") is None else float(metrics["mi_se"]),
             "au": metrics.get("au"),
             "aggressive": aggressive,
             "inner_steps": acc["inner"] / max(acc["steps"], 1),
@@ -656,8 +661,9 @@ def fit(
     kind: Optional[str] = None,
     optim: Union[str, Callable[[float], Any], None] = None,
     lr: Optional[float] = None,
-    loss: Any = None,
+    loss: Any = "exact",
     clip_norm: Optional[float] = 5.0,
+    clip_scope: str = "joint",
     anneal: bool = False,
     kl_start: float = 0.1,
     warm_up: float = 10,
@@ -666,7 +672,8 @@ def fit(
     cycle_ratio: float = 0.5,
     free_bits: Optional[float] = None,
     stop_rule: Optional[str] = None,
-    patience: int = 5,
+    patience: Optional[int] = None,
+    mi_noise: float = 2.0,
     max_inner_steps: int = 100,
     check_every: int = 15,
     max_aggressive_epochs: Optional[int] = None,
@@ -733,7 +740,9 @@ def fit(
         dict(
             method=method, epochs=epochs, optim=optim, lr=lr, clip_norm=clip_norm, anneal=bool(anneal),
             kl_start=kl_start, warm_up=warm_up, beta=beta, cycles=cycles, cycle_ratio=cycle_ratio,
-            free_bits=free_bits, stop_rule=stop_rule, patience=patience, max_inner_steps=max_inner_steps,
+            free_bits=free_bits, stop_rule=stop_rule, patience=patience, mi_noise=mi_noise,
+            loss=loss if isinstance(loss, (str, type(None))) else type(loss).__name__, clip_scope=clip_scope,
+            max_inner_steps=max_inner_steps,
             check_every=check_every, max_aggressive_epochs=max_aggressive_epochs, lr_decay=lr_decay,
             decay_patience=decay_patience, decay_after=decay_after, max_decays=max_decays, seed=seed,
             checkpoint_every=checkpoint_every, iw_samples=iw_samples,

@@ -5,6 +5,10 @@ from pathlib import Path
 
 import pyro
 import pytest
+import torch
+
+# One thread: the tests' models are small, and several threads on a busy machine only wait on each other.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -236,11 +236,11 @@ def test_separate_guide_optimizer_and_clipping():
     assert set(model_optim.optim_objs) == model_tensors
 
 
-def test_clip_norm_bounds_the_update():
-    """With SGD lr 1, the global norm of one guide update equals the clip norm when the gradient is larger."""
+def test_separate_clip_norm_bounds_the_update():
+    """With SGD lr 1 and each side clipped alone, one guide update's norm equals the clip norm."""
     x = data()
     svi = AggressiveSVI(param_model, param_guide, SGD({"lr": 1.0}), Trace_ELBO(),
-                        clip_norm=1e-3, max_inner_steps=1)
+                        clip_norm=1e-3, clip_scope="separate", max_inner_steps=1)
     svi.split_params(x)
     tensors = svi.param_split.guide
     before = {n: t.detach().clone() for n, t in tensors.items()}
@@ -288,8 +288,8 @@ def test_inner_loop_uses_fresh_batches_and_scripted_losses():
     assert all(b.shape[0] == 8 for b in seen[1:])
 
 
-def test_observe_mi_drop_rule():
-    svi = AggressiveSVI(param_model, param_guide, Adam({"lr": 1e-2}), Trace_ELBO())
+def test_observe_mi_paper_rule():
+    svi = AggressiveSVI(param_model, param_guide, Adam({"lr": 1e-2}), Trace_ELBO(), stop_rule="paper")
     assert svi.observe_mi(0.5) is True
     assert svi.observe_mi(0.9) is True
     assert svi.observe_mi(0.8) is False
@@ -297,8 +297,8 @@ def test_observe_mi_drop_rule():
     assert svi.observe_mi(2.0) is False  # once off, for good
 
 
-def test_observe_mi_drop_rule_first_value_against_zero():
-    svi = AggressiveSVI(param_model, param_guide, Adam({"lr": 1e-2}), Trace_ELBO())
+def test_observe_mi_paper_rule_first_value_against_zero():
+    svi = AggressiveSVI(param_model, param_guide, Adam({"lr": 1e-2}), Trace_ELBO(), stop_rule="paper")
     assert svi.observe_mi(-0.01) is False
 
 

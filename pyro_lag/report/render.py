@@ -146,9 +146,10 @@ def evaluation_rows(metrics: Mapping[str, Any], kind: str | None) -> list[tuple[
     if metrics.get("kl") is not None:
         rows.append(("KL", _fmt(metrics["kl"]), "KL(q(z|x) || p(z)), nats per data point"))
     if metrics.get("mi") is not None:
-        b = metrics.get("mi_batch_size")
-        note = "I_q(x; z), nats; depends on the batch size"
-        rows.append(("MI", _fmt(metrics["mi"]), note + (f" (B = {_fmt(b, 3)})" if b is not None else "")))
+        se, pairs = metrics.get("mi_se"), metrics.get("mi_pairs")
+        value = _fmt(metrics["mi"]) + (f" ± {_fmt(se, 2)}" if se is not None else "")
+        note = "I_q(x; z), nats, ± its standard error" + (f", over {int(pairs):,} pairs" if pairs else "")
+        rows.append(("MI", value, note))
     if metrics.get("au") is not None:
         rows.append(("AU", _fmt(metrics["au"]), f"active units (posterior-mean variance >= {ACTIVE_THRESHOLD:g})"))
     return rows
@@ -264,7 +265,7 @@ def render_report(
     - ``config``: the run's resolved settings (nested dicts are flattened to ``a.b``);
     - ``history``: per-epoch dicts from :func:`pyro_lag.fit` (epoch, elbo, kl, mi, au,
       aggressive, inner_steps, lr, wall_time, ...);
-    - ``metrics``: final evaluation (iw_nll, elbo, recon, kl, mi, au, mi_batch_size, iw_samples;
+    - ``metrics``: final evaluation (iw_nll, elbo, recon, kl, mi, mi_se, mi_pairs, au, iw_samples;
       for text perplexity or num_tokens with num_points);
     - ``usage``: per-dimension ``au_var``, optional ``kl`` and ``active``;
     - ``idata``: from :func:`pyro_lag.to_inference_data`; its posterior draws give the ArviZ
