@@ -1,22 +1,27 @@
 """The commands that read run directories (``eval``, ``report``, ``sample``, ``compare``) and the
-helpers ``models`` and ``data synthetic``."""
+helpers ``models`` and ``data synthetic``.
+
+``pyro-lag CMD --help`` must answer without importing torch or pyro, so the modules that
+load them (``.artifacts``, ``.datasets``, ``.loading``, the library) are imported inside
+the command functions, not here.
+"""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import click
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from . import compare as comparing
-from .artifacts import SAMPLE_COUNT, build_report, collect_batches, make_samples, read_diagnostics, write_diagnostics
 from .console import make_console
-from .datasets import SPLITS, load_eval_file, make_batches, token_count
-from .loading import open_run
+from .progress import EvaluationProgress, progress_keyword
 from .rundir import EVAL_FILE, write_json, write_text_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -30,17 +35,19 @@ def _fmt(value: Any, digits: int = 4) -> str:
 # ------------------------------------------------------------------------------ eval
 
 
-def _evaluate(loaded, batches: Any, iw_samples: int) -> dict[str, Any]:
+def _evaluate(loaded, batches: Any, iw_samples: int, progress: EvaluationProgress) -> dict[str, Any]:
+    """Every metric of the run's model on ``batches``; ``progress`` hears of each batch where the library can say."""
     from pyro_lag.diagnostics import evaluate
     from pyro_lag.sites import NoLocalLatentError
 
     try:
-        return evaluate(loaded.handle.model, loaded.handle.guide, batches, iw_samples=iw_samples)
+        return evaluate(loaded.handle.model, loaded.handle.guide, batches, iw_samples=iw_samples,
+                        **progress_keyword(evaluate, progress))
     except NoLocalLatentError:
         # A decoder-only run: its ELBO is the exact log-likelihood.
         from pyro_lag.training import _exact_metrics
 
-        metrics = _exact_metrics(loaded.handle.model, batches)
+        metrics = _exact_metrics(loaded.handle.model, batches, **progress_keyword(_exact_metrics, progress))
         metrics["iw_nll"] = -metrics["elbo"]
         metrics["exact"] = True
         return metrics
@@ -55,6 +62,9 @@ def _evaluate(loaded, batches: Any, iw_samples: int) -> dict[str, Any]:
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def eval_cmd(run_dir: str, data_path: Optional[str], iw_samples: int, batch_size: Optional[int], device: Optional[str]) -> None:
     """Evaluate a run's best parameters: IW-NLL, ELBO, KL, MI, active units (and perplexity for text)."""
+    from .datasets import load_eval_file, make_batches, token_count
+    from .loading import open_run
+
     with open_run(run_dir, device) as loaded:
         size = batch_size or loaded.config["batch_size"]
         if data_path is not None:
@@ -65,8 +75,10 @@ def eval_cmd(run_dir: str, data_path: Optional[str], iw_samples: int, batch_size
             data, label = getattr(loaded.splits, split), split
         batches = make_batches(data, loaded.kind, size, seed=loaded.config["seed"], train=False)
         device_batches = _on_device(batches, loaded.device)
-        with make_console().status(f"evaluating on {label} with {iw_samples} importance samples…"):
-            metrics = _evaluate(loaded, device_batches, iw_samples)
+        console = make_console()
+        with EvaluationProgress(console, f"evaluating on {label} with {iw_samples} importance samples") as progress:
+            progress.start(len(device_batches))
+            metrics = _evaluate(loaded, device_batches, iw_samples, progress)
         metrics = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in metrics.items()}
         metrics.update(iw_samples=iw_samples, kind=loaded.kind, evaluated_on=label)
         if loaded.kind == "text":
@@ -112,6 +124,10 @@ def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: 
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def report_cmd(run_dir: str, device: Optional[str]) -> None:
     """Rebuild RUN_DIR/report.html from the run's files (verdict, curves, usage, samples)."""
+    from .artifacts import SAMPLE_COUNT, build_report, collect_batches, make_samples, read_diagnostics, write_diagnostics
+    from .datasets import SPLITS
+    from .loading import open_run
+
     with open_run(run_dir, device) as loaded:
         saved = loaded.metrics_file()
         if saved is None or saved.get("final") is None:
@@ -134,6 +150,7 @@ def report_cmd(run_dir: str, device: Optional[str]) -> None:
 
 def _image_grid_png(path: Path, rows: list[np.ndarray]) -> None:
     """Save image rows (each [N, H, W] in [0, 1]) as one PNG grid, ink dark on white."""
+    import numpy as np
     from matplotlib import image as mpimg  # writes through Pillow: no plotting backend involved
 
     pad = 2
@@ -157,6 +174,9 @@ def _image_grid_png(path: Path, rows: list[np.ndarray]) -> None:
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def sample_cmd(run_dir: str, n: int, source: str, seed: int, out: Optional[str], device: Optional[str]) -> None:
     """Print sentences (text runs) or write an image grid PNG (image runs) from a trained model."""
+    from .artifacts import collect_batches, make_samples
+    from .loading import open_run
+
     with open_run(run_dir, device) as loaded:
         if not loaded.handle.can("sample_prior") or not loaded.handle.can("reconstruct"):
             raise click.UsageError(f"model '{loaded.config['model']}' has no sample_prior/reconstruct methods to sample with")

@@ -45,9 +45,10 @@ from typing import Any, Iterator, Mapping, Optional
 import click
 import torch
 
-from pyro_lag.training import METHODS, fit
+from pyro_lag.training import fit
 
 from .datasets import data_kind, resolve_data
+from .methods import METHODS
 from .pairs import default_model
 
 TOP_KEYS = ("model", "preset", "method", "anneal", "epochs", "batch_size", "device", "seed", "threads")
@@ -58,7 +59,7 @@ TABLES = ("data", "synthetic", "model_options", "fit")
 # fit() arguments that the command sets itself; everything else may go in [fit].
 _FIT_RESERVED = {
     "model", "guide", "train", "valid", "test", "method", "epochs", "anneal", "device", "seed",
-    "run_dir", "resume", "callbacks", "kind", "loss",
+    "run_dir", "resume", "callbacks", "kind", "loss", "test_progress",
 }
 
 # Settings that may change when a run is resumed (more epochs, another device).

@@ -27,6 +27,8 @@ import torch
 from pyro.optim import PyroOptim
 from torch.distributions.constraints import Constraint
 
+from .pyro_compat import pending_optim_state
+
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
@@ -282,7 +284,7 @@ def restore_param_store(state: Mapping[str, Any], device: Optional[Union[str, to
 
 def capture_optim_state(optim: PyroOptim) -> Dict[str, Any]:
     """A PyroOptim's per-parameter optimizer states, keyed by param name, as detached copies."""
-    state = dict(optim._state_waiting_to_be_consumed)  # restored but not yet used: keep it
+    state = pending_optim_state(optim)  # restored but not yet used: keep it
     state.update(optim.get_state())
     return _clone(state)
 

@@ -20,12 +20,16 @@ from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 from .densities import SiteDensity, posterior_mean
-from .mutual_information import POOL_SIZE, MIAccumulator, MutualInformation, terms_by_replay
+from .mutual_information import (
+    POOL_SIZE,
+    MIAccumulator,
+    MutualInformation,
+    terms_by_replay,
+)
 from .sites import (
     Batch,
     detach_trace,
     find_data_plate,
-    is_delta,
     is_latent,
     local_latent_sites,
     max_plate_nesting,
@@ -441,6 +445,7 @@ def evaluate(
     data_plate: str | None = None,
     mi_samples: int = 1,
     mi_pool_size: int = POOL_SIZE,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Every latent-usage figure in one pass over the batches, per data point, in nats.
 
@@ -448,7 +453,8 @@ def evaluate(
     local latents), ``mi`` and ``mi_se`` (MI over all pairs of up to ``mi_pool_size`` points
     and its standard error; ``mi_pairs`` pairs), ``au`` and ``au_var`` (active units and
     posterior-mean variance per unit), ``kl_dim`` (KL per unit, when elementwise),
-    ``num_points``; ``iw_nll`` when ``iw_samples`` > 0.
+    ``num_points``; ``iw_nll`` when ``iw_samples`` > 0. ``progress(done, total)`` is called
+    before the first batch and after each one (long IW-NLL passes can take minutes).
     """
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0, "iw_nll": 0.0}
     kl_units: torch.Tensor | None = None
@@ -457,8 +463,10 @@ def evaluate(
     accumulator = MIAccumulator(mi_pool_size)
     count = 0
     batches = list(_batches(batches))
+    if progress is not None:
+        progress(0, len(batches))
     with torch.no_grad(), eval_mode(model, guide):
-        for batch in batches:
+        for done, batch in enumerate(batches, 1):
             view = _view(guide, batch, data_plate, model)
             kl, recon, kl_dim = _kl_and_recon(model, view)
             sums["kl"] += float(kl.sum())
@@ -477,6 +485,8 @@ def evaluate(
                 )
                 sums["iw_nll"] -= float(log_px.sum())
             count += view.size
+            if progress is not None:
+                progress(done, len(batches))
         for _ in range(mi_samples - 1):
             accumulator.flush()
             for batch in batches:

@@ -8,9 +8,11 @@ so an inner step always gets a batch of the kind its own step had.
 from __future__ import annotations
 
 import random
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import torch
+
+from .sites import normalize_batch
 
 BatchCall = tuple[tuple, dict]
 
@@ -80,3 +82,26 @@ class SeenBatches:
 
     def __len__(self) -> int:
         return sum(len(kept) for kept in self._kept.values())
+
+
+class GuideBatches:
+    """Fresh minibatches for inner steps: from a zero-argument callable or a (re-iterable) iterable."""
+
+    def __init__(self, source: Callable[[], Any] | Iterable[Any]) -> None:
+        self._source = source
+        self._iterator: Iterator[Any] | None = None
+
+    def next(self) -> tuple[tuple, dict]:
+        if callable(self._source) and not hasattr(self._source, "__iter__"):
+            return normalize_batch(self._source())
+        if self._iterator is None:
+            self._iterator = iter(self._source)
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self._iterator = iter(self._source)
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise ValueError("guide_batches yielded no batch") from None
+        return normalize_batch(batch)

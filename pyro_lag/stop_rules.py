@@ -19,9 +19,12 @@ class MIStopRule:
     """Decides, one MI estimate at a time, whether aggressive mode goes on.
 
     ``drop``: stop when MI falls below its best by more than ``noise`` standard errors
-    (of the difference), or has not risen above its best by that margin for
-    ``patience`` checks in a row. ``paper``: stop at the first value below the previous
-    one, the first compared with 0 (the reference's text rule, noise ignored).
+    (of the difference), or has not risen above its best by that margin (and by at
+    least ``min_rise`` of the best, relative) for ``patience`` checks in a row; while MI
+    has not yet risen beyond its noise at all (the guide has not caught on), three
+    times ``patience`` checks.
+    ``paper``: stop at the first value below the previous one, the first compared with 0
+    (the reference's text rule, noise ignored).
     ``patience``: stop after ``patience`` checks in a row without a new best (the
     reference's image rule). Without a standard error a value's noise counts as 0.
     """
@@ -29,10 +32,12 @@ class MIStopRule:
     rule: str = "drop"
     patience: int = 2
     noise: float = 2.0
+    min_rise: float = 0.05
     best: float = 0.0
     best_se: float = 0.0
     previous: float = 0.0
     checks_without_rise: int = 0
+    has_risen: bool = False
 
     def __post_init__(self) -> None:
         if self.rule not in STOP_RULES:
@@ -41,6 +46,8 @@ class MIStopRule:
             raise ValueError(f"patience must be a positive integer, got {self.patience!r}")
         if not math.isfinite(self.noise) or self.noise < 0:
             raise ValueError(f"the MI noise margin must be a finite number >= 0, got {self.noise!r}")
+        if not math.isfinite(self.min_rise) or self.min_rise < 0:
+            raise ValueError(f"the minimum relative MI rise must be a finite number >= 0, got {self.min_rise!r}")
 
     def keeps_going(self, value: float, se: float | None = None) -> bool:
         """Take one MI estimate (nats) and its standard error; return False when aggressive mode should end."""
@@ -59,15 +66,18 @@ class MIStopRule:
         margin = self.noise * math.hypot(se, self.best_se)
         if value < self.best - margin:
             return False
-        return self._count(rose=value > self.best + margin, value=value, se=se)
+        rise = max(margin, self.min_rise * abs(self.best))
+        return self._count(rose=value > self.best + rise, value=value, se=se)
 
     def _count(self, rose: bool, value: float, se: float) -> bool:
         if rose:
             self.best, self.best_se = value, se
             self.checks_without_rise = 0
+            self.has_risen = True
             return True
         self.checks_without_rise += 1
-        return self.checks_without_rise < self.patience
+        allowed = self.patience if self.has_risen or self.rule == "patience" else 3 * self.patience
+        return self.checks_without_rise < allowed
 
     def state_dict(self) -> dict:
         """Plain data to resume the rule exactly."""

@@ -6,69 +6,31 @@ Once aggressive mode ends (see ``observe_mi``), ``step`` is a plain joint SVI st
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, SVI
 from pyro.infer.util import torch_item, zero_grads
-from pyro.ops.jit import CompiledFunction
 from pyro.optim import PyroOptim
 
 from .clipping import CLIP_SCOPES, GradientClipper
 from .inner_loop import InnerLoopStopper, examples_in
-from .seen_batches import SeenBatches
-from .sites import Override, ParamSplit, normalize_batch, preserved_rng, probe_param_split
+from .param_split import (
+    Override,
+    ParamSplit,
+    drop_grads,
+    frozen,
+    preserved_rng,
+    probe_param_split,
+)
+from .pyro_compat import without_compiled_functions
+from .seen_batches import GuideBatches, SeenBatches
 from .stop_rules import STOP_RULES, MIStopRule
 
 __all__ = ["AggressiveSVI", "InnerLoopStopper", "STOP_RULES", "CLIP_SCOPES"]
-
-
-class _BatchSource:
-    """Fresh minibatches for inner steps: from a zero-argument callable or a (re-iterable) iterable."""
-
-    def __init__(self, source: Callable[[], Any] | Iterable[Any]) -> None:
-        self._source = source
-        self._iterator: Iterator[Any] | None = None
-
-    def next(self) -> tuple[tuple, dict]:
-        if callable(self._source) and not hasattr(self._source, "__iter__"):
-            return normalize_batch(self._source())
-        if self._iterator is None:
-            self._iterator = iter(self._source)
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self._iterator = iter(self._source)
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                raise ValueError("guide_batches yielded no batch") from None
-        return normalize_batch(batch)
-
-
-@contextlib.contextmanager
-def _frozen(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Turn off gradients of these leaf tensors for the block, so autograd never computes them.
-
-    ``pyro.module`` skips frozen parameters and warns about it; that warning is ours to
-    silence, since freezing them is the point.
-    """
-    switched = [t for t in tensors if t.requires_grad]
-    for t in switched:
-        t.requires_grad_(False)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message=r".*not registered in the param store because requires_grad=False"
-            )
-            yield
-    finally:
-        for t in switched:
-            t.requires_grad_(True)
 
 
 class AggressiveSVI(SVI):
@@ -156,7 +118,7 @@ class AggressiveSVI(SVI):
         self.rule = MIStopRule(stop_rule, patience, mi_noise)
         self.clipper = GradientClipper(clip_norm, clip_scope)
         self.guide_optim = guide_optim
-        self.guide_batches = _BatchSource(guide_batches) if guide_batches is not None else None
+        self.guide_batches = GuideBatches(guide_batches) if guide_batches is not None else None
         self.max_inner_steps = max_inner_steps
         self.check_every = check_every
         self.mi_every = mi_every
@@ -241,7 +203,7 @@ class AggressiveSVI(SVI):
             with preserved_rng(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 estimate = estimate_mutual_information(
-                    self.guide, batches, model=self.model, data_plate=self.data_plate
+                    self.guide, batches, model=self.model, data_plate=self.data_plate, num_samples=4
                 )
         except ValueError as error:  # a program shape the estimator refuses: say so, train on
             self.stop_aggressive(f"MI cannot be estimated on this program ({error}); trained as plain SVI since")
@@ -299,9 +261,7 @@ class AggressiveSVI(SVI):
             return self.loss_and_grads
         if kind not in self._step_losses:
             elbo = copy.copy(self._elbo)
-            for name, value in list(vars(elbo).items()):
-                if isinstance(value, CompiledFunction):
-                    delattr(elbo, name)
+            without_compiled_functions(elbo)
             self._step_losses[kind] = elbo.loss_and_grads
         return self._step_losses[kind]
 
@@ -356,7 +316,7 @@ class AggressiveSVI(SVI):
         """
         loss, params = self._loss_and_grads(args, kwargs)
         try:
-            reason = _nothing_to_lag(self.split_params(*args, **kwargs))
+            reason = self.split_params(*args, **kwargs).nothing_to_lag()
         except Exception as error:  # noqa: BLE001 -- a program SVI runs must keep running
             reason = f"the parameter probe failed ({type(error).__name__}: {error})"
         if reason is None:
@@ -393,11 +353,11 @@ class AggressiveSVI(SVI):
         clipping scope needs its gradient norm, and only ``side``'s parameters are stepped."""
         split = self._split if self._split is not None else self.split_params(*args, **kwargs)
         if side == "guide":
-            frozen = list(split.model.values())
+            other_side = list(split.model.values())
         else:
-            frozen = list(split.guide.values()) + list(split.other.values())
+            other_side = list(split.guide.values()) + list(split.other.values())
         both = self.clipper.needs_other_side(side)
-        with _frozen([] if both else frozen):
+        with frozen([] if both else other_side):
             loss, params = self._loss_and_grads(args, kwargs, "joint" if both else ("inner" if side == "guide" else "model"))
         if not split.known(params):
             split = self.split_params(*args, **kwargs)
@@ -410,7 +370,7 @@ class AggressiveSVI(SVI):
         self.clipper.clip_side(side, stepped, other)
         optim = self.optim if side == "model" else (self.guide_optim or self.optim)
         self._apply(optim, stepped)
-        _drop_grads(params.values())
+        drop_grads(params.values())
         return _item(loss)
 
     def inner_step(self, *args: Any, **kwargs: Any) -> float:
@@ -434,25 +394,6 @@ class AggressiveSVI(SVI):
                 batch_args, batch_kwargs = self.guide_batches.next()
             else:
                 batch_args, batch_kwargs = self._seen.draw(args, kwargs)
-
-
-def _drop_grads(params: Iterable[torch.Tensor]) -> None:
-    """Set gradients to None after an inner or model step (``zero_grad(set_to_none=True)``, as the
-    reference's optimizers do): no zero tensors to allocate and fill, and the next backward writes
-    its gradients instead of adding them to zeros. Joint steps keep SVI's ``zero_grads``."""
-    for p in params:
-        p.grad = None
-
-
-def _nothing_to_lag(split: ParamSplit) -> str | None:
-    """Why a program has no inference network that can lag behind its model, or None if it has one."""
-    if not split.has_local_latent:
-        return "the guide has no local latent (no latent site inside a vectorized plate)"
-    if not split.model:
-        return "the model has no parameters of its own: there is no generator for the guide to lag behind"
-    if not split.guide:
-        return "the guide has no parameters apart from the model's: inner steps would have nothing to train"
-    return None
 
 
 def _item(loss: Any) -> Any:

@@ -201,17 +201,22 @@ def _latent_sites(guide: Callable, args: tuple, kwargs: dict) -> List[str]:
     return [name for name, site in trace.nodes.items() if is_latent(site)]
 
 
-def _exact_metrics(model: Callable, batches: Iterable[Any]) -> Dict[str, Any]:
+def _exact_metrics(model: Callable, batches: Iterable[Any], progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
     """Per-data-point log-likelihood of a model without latents: its ELBO is log p(x) exactly."""
     total, count = 0.0, 0
+    batches = list(batches)
+    if progress is not None:
+        progress(0, len(batches))
     with torch.no_grad(), eval_mode(model):
-        for batch in batches:
+        for done, batch in enumerate(batches, 1):
             args, kwargs = normalize_batch(batch)
             trace = poutine.trace(model).get_trace(*args, **kwargs)
             for site in trace.nodes.values():
                 if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
                     total += float(raw_log_prob(site).sum())
             count += _num_points(args)
+            if progress is not None:
+                progress(done, len(batches))
     if count == 0:
         raise ValueError("evaluation got no batch")
     ll = total / count
@@ -277,6 +282,7 @@ def _resolve_settings(options: Dict[str, Any], kind: Optional[str], steps_per_ep
         _check_number("free_bits", o["free_bits"])
     for name in ("iw_samples", "max_decays"):
         _check_number(name, o[name], integer=True)
+    _check_number("mi_samples", o["mi_samples"], minimum=1, integer=True)
     for name in ("max_aggressive_epochs", "checkpoint_every"):
         if o[name] is not None:
             _check_number(name, o[name], minimum=1, integer=True)
@@ -556,13 +562,15 @@ class _Run:
         self.recorded.clear()
         self.pos["acc"]["time"] += time.perf_counter() - started
 
-    def evaluate(self, batches: Iterable[Any], iw_samples: int = 0, iw_chunk_size: int = 100) -> Dict[str, Any]:
+    def evaluate(self, batches: Iterable[Any], iw_samples: int = 0, iw_chunk_size: int = 100,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
         if self.decoder_only:
-            metrics = _exact_metrics(self.model, batches)
+            metrics = _exact_metrics(self.model, batches, progress)
             if iw_samples > 0:
                 metrics["iw_nll"] = -metrics["elbo"]  # no latent: the likelihood is exact
             return metrics
-        return _plain(evaluate(self.model, self.guide, batches, iw_samples=iw_samples, iw_chunk_size=iw_chunk_size))
+        return _plain(evaluate(self.model, self.guide, batches, iw_samples=iw_samples, iw_chunk_size=iw_chunk_size,
+                               mi_samples=self.settings["mi_samples"], progress=progress))
 
     def decay_on_plateau(self, epoch: int, val_loss: float) -> bool:
         """The reference's rule: after ``decay_patience`` epochs above the plateau loss (from epoch
@@ -663,7 +671,7 @@ def fit(
     lr: Optional[float] = None,
     loss: Any = "exact",
     clip_norm: Optional[float] = 5.0,
-    clip_scope: str = "joint",
+    clip_scope: str = "joint-exact",
     anneal: bool = False,
     kl_start: float = 0.1,
     warm_up: float = 10,
@@ -674,6 +682,7 @@ def fit(
     stop_rule: Optional[str] = None,
     patience: Optional[int] = None,
     mi_noise: float = 2.0,
+    mi_samples: int = 4,
     max_inner_steps: int = 100,
     check_every: int = 15,
     max_aggressive_epochs: Optional[int] = None,
@@ -689,6 +698,7 @@ def fit(
     callbacks: Sequence[Any] = (),
     iw_samples: int = 0,
     iw_chunk_size: int = 100,
+    test_progress: Optional[Callable[[int, int], None]] = None,
 ) -> FitResult:
     """Train a model/guide pair with aggressive inference or a baseline; validate every epoch.
 
@@ -720,6 +730,7 @@ def fit(
     :param checkpoint_every: also write ``last.pt`` every this many steps within an epoch.
     :param callbacks: objects with ``on_epoch_end(row)`` and/or ``on_batch_end(info)``, or
         plain callables called with each epoch's history row.
+    :param test_progress: ``f(done, total)`` called as the final test pass goes through its batches.
     :param iw_samples: importance samples for the final test pass's IW-NLL (0: none). The
         test pass evaluates the best parameters, which stay in the param store afterwards.
     :raises TrainingDivergedError: on a NaN or infinite loss or parameter, naming the epoch,
@@ -740,7 +751,7 @@ def fit(
         dict(
             method=method, epochs=epochs, optim=optim, lr=lr, clip_norm=clip_norm, anneal=bool(anneal),
             kl_start=kl_start, warm_up=warm_up, beta=beta, cycles=cycles, cycle_ratio=cycle_ratio,
-            free_bits=free_bits, stop_rule=stop_rule, patience=patience, mi_noise=mi_noise,
+            free_bits=free_bits, stop_rule=stop_rule, patience=patience, mi_noise=mi_noise, mi_samples=mi_samples,
             loss=loss if isinstance(loss, (str, type(None))) else type(loss).__name__, clip_scope=clip_scope,
             max_inner_steps=max_inner_steps,
             check_every=check_every, max_aggressive_epochs=max_aggressive_epochs, lr_decay=lr_decay,
@@ -777,7 +788,8 @@ def fit(
         restore_param_store(run.best_params)
     test_metrics = None
     if test is not None:
-        test_metrics = run.evaluate(_eval_batches(test), iw_samples=iw_samples, iw_chunk_size=iw_chunk_size)
+        test_metrics = run.evaluate(_eval_batches(test), iw_samples=iw_samples, iw_chunk_size=iw_chunk_size,
+                                    progress=test_progress)
     return FitResult(
         history=[dict(r) for r in run.pos["history"]],
         test=test_metrics,

@@ -321,6 +321,14 @@ def test_fit_prints_progress_summary_and_paths(standard_run):
     assert history[0]["aggressive"] is False and history[0]["inner_steps"] == 0
 
 
+def test_fit_prints_plain_progress_lines_into_a_log(standard_run):
+    _, result = standard_run  # CliRunner's output is not a terminal: lines, not a bar
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("epoch 1/1  batch 1/") and "elapsed" in line for line in lines)
+    assert any(line.startswith("final evaluation on test, 3 importance samples: ") for line in lines)
+    assert any(line.startswith("final evaluation on test, 3 importance samples: done in ") for line in lines)
+
+
 def test_flags_override_the_config_file(standard_run):
     out, _ = standard_run
     saved = read_json(out / "config.json")

@@ -55,7 +55,7 @@ def make_usage() -> dict:
 def make_metrics() -> dict:
     return {
         "iw_nll": 48.25, "elbo": -50.5, "recon": -47.5, "kl": 3.0, "mi": 2.1, "au": len(ACTIVE),
-        "mi_batch_size": 32, "iw_samples": 500, "num_points": 100, "num_tokens": 1100,
+        "mi_se": 0.0123, "mi_pairs": 10000, "iw_samples": 500, "num_points": 100, "num_tokens": 1100,
     }
 
 
@@ -158,7 +158,7 @@ def test_report_sections_tables_and_numbers(text_html):
     # Evaluation table: IW-NLL, text perplexity from the token count, KL, MI (with B), AU.
     assert ">48.25<" in html
     assert f">{math.exp(48.25 * 100 / 1100):.4g}<" in html
-    assert "B = 32" in html
+    assert "± 0.012" in html and "10,000 pairs" in html
     # Twelve epochs in the history table, aggressive epochs named in the caption.
     assert html.count("<tr><td class=\"num\">") >= 12
     assert "epochs 1–4" in html

@@ -177,23 +177,22 @@ def omniglot_images(shared_data, n: int) -> torch.Tensor:
 
 
 def test_literal_drop_in_ends_aggressive_mode_by_itself(shared_data):
-    """Only the class name changed: no observe_mi, no guide_batches. MI is checked on seen batches and
-    aggressive mode ends by the stop rule within a few passes over 1,000 images in batches of 32."""
-    train = omniglot_images(shared_data, 1000)
-    model, guide = image_vae(train)
+    """Only the class name changed: no observe_mi, no guide_batches. MI is estimated every 25 steps on
+    batches seen, and aggressive mode ends by the stop rule once MI stops rising."""
+    train = omniglot_images(shared_data, 512)
+    model, guide = image_vae(train, latent=4, hidden=100)
     svi = AggressiveSVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    ended_in_epoch = None
-    for epoch in range(12):
+    steps = 0
+    while svi.aggressive and steps < 800:
         for batch in train.split(32):
             svi.step(batch)
-        if not svi.aggressive:
-            ended_in_epoch = epoch + 1
-            break
-    assert ended_in_epoch is not None, f"still aggressive after 12 epochs; MI checks {svi.mi_history}"
-    assert ended_in_epoch <= 8
-    assert len(svi.mi_history) >= 3 and all(math.isfinite(v) for v in svi.mi_history)
+            steps += 1
+    assert not svi.aggressive, f"still aggressive after {steps} steps; MI checks {svi.mi_history}"
     assert "stop rule 'drop'" in svi.stop_reason
-    assert max(svi.mi_history) > 0.5  # the latent carries information before aggressive mode ends
+    assert len(svi.mi_history) >= 3 and all(math.isfinite(v) for v in svi.mi_history)
+    assert max(svi.mi_history) > 1.0  # the latent carries information before aggressive mode ends
+    best = max(range(len(svi.mi_history)), key=svi.mi_history.__getitem__)
+    assert len(svi.mi_history) - 1 - best <= svi.patience + 1  # it ends within a few checks of the best
 
 
 def test_drop_in_inner_steps_draw_fresh_batches_of_the_steps_kind():

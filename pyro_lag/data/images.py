@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import zipfile
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
