@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--methods", default="aggressive,standard")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--loss", default="exact", help="exact (closed-form KL) or sampled")
-    parser.add_argument("--clip-scope", default="joint", help="joint, joint-exact or separate")
+    parser.add_argument("--clip-scope", default="joint-exact", help="joint-exact, joint or separate")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/side_by_side_ptb_small.json"))
     parser.add_argument("--table", type=Path, help="print the table of this results file instead of running")

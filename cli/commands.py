@@ -94,6 +94,7 @@ def _on_device(source: Any, device: Any) -> list[Any]:
 
 
 def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: str) -> None:
+    from pyro_lag.diagnostics import ACTIVE_THRESHOLD
     from pyro_lag.report import perplexity
 
     table = Table(title=title, title_justify="left")
@@ -108,7 +109,7 @@ def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: 
         ("KL", metrics.get("kl"), "KL(q(z|x) || p(z)), nats per data point"),
         ("MI", metrics.get("mi"), f"I_q(x; z) ± {_fmt(metrics.get('mi_se'), 2)} (standard error), "
                                   f"{_fmt(metrics.get('mi_pairs'), 6)} pairs"),
-        ("AU", metrics.get("au"), "active units (posterior-mean variance >= 0.01)"),
+        ("AU", metrics.get("au"), f"active units (posterior-mean variance >= {ACTIVE_THRESHOLD:g})"),
     ]
     for name, value, note in rows:
         if value is not None:

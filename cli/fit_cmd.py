@@ -24,6 +24,13 @@ from .methods import METHODS
 @click.option("--anneal/--no-anneal", default=None, help="Add KL annealing to the aggressive method.")
 @click.option("--beta", type=float, help="KL weight for --method beta.")
 @click.option("--free-bits", "free_bits", type=float, help="Nats per latent dimension for --method free-bits.")
+@click.option("--loss", type=click.Choice(("exact", "sampled")),
+              help="KL in closed form (exact, default; as the paper) or from one sample (sampled).")
+@click.option("--clip-scope", "clip_scope", type=click.Choice(("joint-exact", "joint", "separate")),
+              help="Gradient clipping: one norm over guide and model (joint-exact, default; as the paper), the same "
+                   "with the other side's latest norm (joint, cheaper), or each side alone (separate).")
+@click.option("--stop-rule", "stop_rule", type=click.Choice(("drop", "paper", "patience")),
+              help="How validation MI ends aggressive mode (default: drop, noise-aware, for text; patience for images).")
 @click.option("--epochs", type=int, help="Training epochs (default: 50 synthetic, else 10).")
 @click.option("--batch-size", "batch_size", type=int, help="Batch size (default: 16 synthetic, 32 text, 50 images).")
 @click.option("--device", help="cpu or cuda.")

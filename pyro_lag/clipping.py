@@ -1,10 +1,10 @@
 """Gradient clipping with the reference's semantics at the cost of a one-sided step.
 
 The paper's code clips the global norm of encoder and decoder gradients together,
-then steps one side. A guide-only step here never computes the model's gradients
-(that is what makes it cheap), so ``joint`` takes the other side's norm from its
-latest computed gradient; ``joint-exact`` computes both at full cost; ``separate``
-clips each side's gradients alone.
+then steps one side. ``joint-exact`` does the same (a one-sided step then computes
+both sides' gradients); ``joint`` takes the other side's norm from its latest
+computed gradient, so a guide-only step never computes the model's gradients;
+``separate`` clips each side's gradients alone.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class GradientClipper:
     step of ``side`` must compute the other side's gradients too.
     """
 
-    def __init__(self, max_norm: float | None, scope: str = "joint") -> None:
+    def __init__(self, max_norm: float | None, scope: str = "joint-exact") -> None:
         if max_norm is not None and not max_norm > 0:
             raise ValueError("clip_norm must be positive or None")
         if scope not in CLIP_SCOPES:

@@ -41,7 +41,8 @@ import dataclasses
 import math
 import weakref
 import zlib
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pyro
 import torch
@@ -202,7 +203,7 @@ def _broadcast(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
 
 def broadcast_values(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
     """Copy rank ``src``'s values of these tensors to every rank, in place."""
-    if not is_distributed() or not tensors:
+    if not is_distributed():
         return
     _check_same_tensors(tensors, "the broadcast of parameter values")
     _broadcast(tensors, src)
@@ -214,7 +215,7 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
     A parameter whose gradient is None on a rank counts as a zero gradient there; it
     keeps None only where it is None on every rank (so an optimizer still skips it).
     """
-    if not is_distributed() or not params:
+    if not is_distributed():
         return
     _check_same_tensors(params, "gradient averaging")
     _average(params)
@@ -272,7 +273,7 @@ class DistributedAggressiveSVI(AggressiveSVI):
 
     def _reduce_grads(self, params: list[torch.Tensor]) -> None:
         """Make new parameters equal to rank 0's, then average every gradient over ranks."""
-        if not is_distributed() or not params:
+        if not is_distributed():
             return
         new = self._unsynced(params)
         _check_same_tensors(params, "gradient averaging", extra=[len(new)])
@@ -299,7 +300,7 @@ class DistributedAggressiveSVI(AggressiveSVI):
             self._agree_on_mode()
         return super().step(*args, **kwargs)
 
-    def split_params(self, *args: Any, **kwargs: Any) -> "ParamSplit":
+    def split_params(self, *args: Any, **kwargs: Any) -> ParamSplit:
         """Probe the guide/model split on this rank's batch; all ranks then use one merged split.
 
         A parameter that is the model's on any rank is the model's; else the guide's on
@@ -308,7 +309,7 @@ class DistributedAggressiveSVI(AggressiveSVI):
         """
         if not is_distributed():
             return super().split_params(*args, **kwargs)
-        local: "ParamSplit | None" = None
+        local: ParamSplit | None = None
         failure: str | None = None
         try:
             local = super().split_params(*args, **kwargs)

@@ -25,6 +25,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lag.densities import SiteDensity
+from pyro_lag.diagnostics import ACTIVE_THRESHOLD
 from pyro_lag.sites import (
     find_data_plate,
     is_latent,
@@ -37,8 +38,6 @@ if TYPE_CHECKING:  # arviz warns on import: import it lazily, see _arviz()
     import arviz
     import xarray
 
-ACTIVE_THRESHOLD = 0.01
-"""Variance of the posterior mean above which a latent dimension counts as active."""
 
 USAGE_GROUP = "latent_usage"
 TRAINING_GROUP = "training"

@@ -32,9 +32,10 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import pyro
 import pyro.optim
@@ -115,7 +116,7 @@ class LightningSettings:
     separate_guide_optim: bool = True
     loss: Any = "exact"
     clip_norm: float | None = 5.0
-    clip_scope: str = "joint"
+    clip_scope: str = "joint-exact"
     stop_rule: str = "patience"
     patience: int = 5
     mi_noise: float = 2.0
@@ -138,6 +139,21 @@ class LightningSettings:
             raise ValueError(f"mi_samples must be a positive integer, got {self.mi_samples!r}")
         if self.max_aggressive_epochs is not None and self.max_aggressive_epochs < 1:
             raise ValueError(f"max_aggressive_epochs must be a positive integer or None, got {self.max_aggressive_epochs!r}")
+
+    @classmethod
+    def for_kind(cls, kind: str | None, **overrides: Any) -> LightningSettings:
+        """The reference's defaults for ``kind`` (as :func:`pyro_lag.fit` picks them), then ``overrides``.
+
+        ``"text"``: SGD at lr 1.0 and the noise-aware ``drop`` stop rule (patience 2);
+        ``"image"`` or None: Adam at lr 1e-3 and the ``patience`` rule (patience 5).
+        """
+        if kind not in (None, "text", "image"):
+            raise ValueError(f"kind must be 'text' or 'image', got {kind!r}")
+        if kind == "text":
+            defaults: dict[str, Any] = {"optim": "sgd", "lr": 1.0, "stop_rule": "drop", "patience": 2}
+        else:
+            defaults = {"optim": "adam", "lr": 1e-3, "stop_rule": "patience", "patience": 5}
+        return cls(**{**defaults, **overrides})
 
     def record(self) -> dict[str, Any]:
         """The settings as plain data (callables by name), for checkpoints and resume checks."""
@@ -275,7 +291,7 @@ class _RankZeroCheckpoints:
     def best(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / BEST_CHECKPOINT
 
-    def write_last(self, module: "AggressiveLightningModule") -> None:
+    def write_last(self, module: AggressiveLightningModule) -> None:
         own = {"rng": capture_rng_state(), "train_source": module.source_state()}
         ranks = _gather(own)
         if self.last is None or module.global_rank != 0:
@@ -291,10 +307,11 @@ class _RankZeroCheckpoints:
         }
         save_checkpoint(self.last, capture_training_state(module.optims(), meta))
 
-    def write_best(self, module: "AggressiveLightningModule", val_loss: float) -> None:
+    def write_best(self, module: AggressiveLightningModule, val_loss: float) -> None:
         if self.best is None or module.global_rank != 0:
             return
-        save_checkpoint(self.best, {"params": capture_param_store(), "meta": {"epoch": module.epochs_done, "val_loss": val_loss}})
+        meta = {"epoch": module.epochs_done, "val_loss": val_loss}
+        save_checkpoint(self.best, {"params": capture_param_store(), "meta": meta})
 
 
 def _gather(value: Any) -> list[Any]:
@@ -376,7 +393,7 @@ class AggressiveLightningModule(pl.LightningModule):
 
     def configure_optimizers(self) -> None:
         """None: the guide's and the model's Pyro optimizers live in the SVI."""
-        return None
+        return
 
     def train_dataloader(self) -> DataLoader:
         sampler = EpochShardSampler(self.train_batches, self.world, self.global_rank, self._first_epoch)
@@ -630,6 +647,8 @@ _SPAWN_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp
 def _num_devices(accelerator: str, devices: Any) -> int:
     if isinstance(devices, (list, tuple)):
         return len(devices)
+    if isinstance(devices, str) and "," in devices:  # "0,1": these device indices
+        return len([d for d in devices.split(",") if d.strip()])
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if isinstance(devices, int) and devices > 0:
@@ -725,10 +744,10 @@ def fit_lightning(
             module = AggressiveLightningModule(
                 model, guide, train, valid, settings, run_dir=run_path, resume_from=last if done else None
             )
-            options = dict(
-                logger=False, enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                use_distributed_sampler=False,
-            )
+            options = {
+                "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                "num_sanity_val_steps": 0, "use_distributed_sampler": False,
+            }
             options.update(trainer_options or {})
             trainer = pl.Trainer(
                 accelerator=accelerator, devices=devices, num_nodes=num_nodes,

@@ -40,22 +40,21 @@ class AggressiveSVI(SVI):
     :param guide: the amortized guide (parameters phi).
     :param optim: a PyroOptim; steps the model's parameters, and the guide's unless
         ``guide_optim`` is given.
-    :param loss: an ELBO instance (Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, Jit
-        variants). TraceMeanField_ELBO computes the KL in closed form, as the paper does;
-        its gradients are far less noisy than Trace_ELBO's one-sample KL.
+    :param loss: an ELBO (Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, Jit variants);
+        TraceMeanField_ELBO's closed-form KL, as the paper's, is far less noisy.
     :param guide_batches: fresh random minibatches for inner steps: an iterable (cycled) or a
         zero-argument callable, each batch the positional args or an ``(args, kwargs)`` pair.
-        Without it inner steps draw batches of the step's own kind from those ``step`` has
-        seen (a bounded uniform sample).
+        Without it, batches of the step's own kind from a uniform sample of those seen.
     :param guide_optim: a separate PyroOptim for the guide (the paper: SGD for encoder and decoder).
     :param max_inner_steps: at most this many guide-only steps per model step.
     :param check_every: window length of the inner loop's stop rule.
     :param clip_norm: clip the global gradient norm (reference: 5.0; None: no clipping).
-    :param clip_scope: ``"joint"`` (default): as the reference, one norm over guide and model
-        gradients; a one-sided step scales its gradients by that joint norm, the other side's
-        part taken from its latest computed gradient (a guide-only step then still never
-        computes the model's gradients). ``"joint-exact"``: one-sided steps compute both
-        sides' gradients, as the reference does, at the cost of a full backward pass.
+    :param clip_scope: how ``clip_norm`` applies, with the reference's semantics by default:
+        ``"joint-exact"``: one norm over guide and model gradients together, as the paper's
+        code, so a one-sided step computes the other side's gradients too (a full backward
+        pass; only its own side is stepped). ``"joint"``: the same norm with the other side's
+        part taken from its latest computed gradient, so a guide-only step never computes the
+        model's gradients; cheaper, but measured to steer differently (see the README).
         ``"separate"``: each side's gradients are clipped alone.
     :param stop_rule: how MI estimates end aggressive mode: ``"drop"`` (default: MI fell below its
         best by more than ``mi_noise`` standard errors, or has not risen by that margin for
@@ -66,16 +65,14 @@ class AggressiveSVI(SVI):
         ``mi_batches`` (or on batches ``step`` has seen) and apply the stop rule, so a literal
         drop-in leaves aggressive mode by itself. None: only :meth:`observe_mi` ends it.
     :param inner_loss_normalizer: ``f(args, kwargs) -> float`` units per batch (tokens for text);
-        default: examples, the leading size of the first tensor argument.
-    :param guide_params, model_params: override the gradient-probed split by parameter name
-        (glob patterns allowed) or module.
+        default: examples, the leading size of the first tensor argument. A pair ``(weight,
+        units)`` also weights the loss (a loss averaged over B examples: weight B), so a window
+        is its summed loss over its summed units, as the reference's.
+    :param guide_params, model_params: override the gradient-probed split by name (glob) or module.
     :param data_plate: the name of the data plate, where the estimators cannot find it alone.
-    :param aggressive: start in aggressive mode (default True). The first step probes the
-        program; one with nothing that can lag trains as plain SVI from that step on, with the
-        reason in :attr:`plain_reason`: a guide with no local latent (no latent sample site
-        inside a vectorized plate), a model with no parameters of its own, or a guide whose
-        parameters are all the model's. Such a program trains exactly as under
-        ``pyro.infer.SVI``, random draws included.
+    :param aggressive: start in aggressive mode (default True). A program with nothing that can
+        lag (no local latent, no model parameter, or no guide parameter of its own) trains
+        exactly as under ``pyro.infer.SVI`` from its first step; :attr:`plain_reason` says why.
     """
 
     def __init__(
@@ -93,13 +90,13 @@ class AggressiveSVI(SVI):
         max_inner_steps: int = 100,
         check_every: int = 15,
         clip_norm: float | None = None,
-        clip_scope: str = "joint",
+        clip_scope: str = "joint-exact",
         stop_rule: str = "drop",
         patience: int = 2,
         mi_noise: float = 2.0,
         mi_every: int | None = 25,
         mi_batches: Iterable[Any] | None = None,
-        inner_loss_normalizer: Callable[[tuple, dict], float] | None = None,
+        inner_loss_normalizer: Callable[[tuple, dict], float | tuple[float, float]] | None = None,
         guide_params: Override = (),
         model_params: Override = (),
         data_plate: str | None = None,
@@ -387,8 +384,9 @@ class AggressiveSVI(SVI):
         batch_args, batch_kwargs = args, kwargs
         while True:
             loss = self.inner_step(*batch_args, **batch_kwargs)
-            count = self.inner_loss_normalizer(batch_args, batch_kwargs)
-            if stopper.update(*self._reduce_inner_loss(float(loss), count)):
+            units = self.inner_loss_normalizer(batch_args, batch_kwargs)
+            weight, count = units if isinstance(units, tuple) else (1.0, units)
+            if stopper.update(*self._reduce_inner_loss(float(loss) * weight, count)):
                 return stopper.steps
             if self.guide_batches is not None:
                 batch_args, batch_kwargs = self.guide_batches.next()

@@ -390,13 +390,12 @@ class _Run:
             train_model, train_guide = free_bits.model(train_model), free_bits.guide(train_guide)
 
         train_model, train_guide = _per_example(train_model), _per_example(train_guide)
-        # Inner-loop windows compare loss per token (text) or per example (images); the
-        # step's loss is already a per-example mean.
-        normalizer = None
-        if hasattr(train, "normalizer"):
-            normalizer = lambda args, kwargs: float(train.normalizer(args)) / _num_points(args)  # noqa: E731
-        else:
-            normalizer = lambda args, kwargs: 1.0  # noqa: E731
+        # Inner-loop windows compare the summed loss per token (text) or per example (images),
+        # as the reference; the step's loss is a per-example mean, so it is weighted by B.
+        def normalizer(args: tuple, kwargs: dict) -> tuple[float, float]:
+            points = _num_points(args)
+            units = float(train.normalizer(args)) if hasattr(train, "normalizer") else float(points)
+            return float(points), units
         elbo = make_loss(loss, model, guide, (first_args, first_kwargs))
         self.svi = AggressiveSVI(
             train_model, train_guide, self._make_optim(settings["lr"]), elbo,

@@ -25,12 +25,12 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
-from pyro_lag import fit  # noqa: E402
-from pyro_lag.checkpoint import load_checkpoint  # noqa: E402
-from pyro_lag.diagnostics import estimate_mutual_information  # noqa: E402
-from pyro_lag.distributed import DistributedAggressiveSVI, reduce_mi, seed_rank  # noqa: E402
-from pyro_lag.handlers import linear_annealing  # noqa: E402
-from pyro_lag.lightning import (  # noqa: E402
+from pyro_lag import fit
+from pyro_lag.checkpoint import load_checkpoint
+from pyro_lag.diagnostics import estimate_mutual_information
+from pyro_lag.distributed import DistributedAggressiveSVI, reduce_mi, seed_rank
+from pyro_lag.handlers import linear_annealing
+from pyro_lag.lightning import (
     EpochBatches,
     EpochShardSampler,
     LightningSettings,
@@ -38,8 +38,8 @@ from pyro_lag.lightning import (  # noqa: E402
     fit_lightning,
     resolve_strategy,
 )
-from pyro_lag.mutual_information import MutualInformation  # noqa: E402
-from pyro_lag.svi import AggressiveSVI  # noqa: E402
+from pyro_lag.mutual_information import MutualInformation
+from pyro_lag.svi import AggressiveSVI
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -49,7 +49,7 @@ pytestmark = [
 
 X_DIM, Z_DIM = 6, 2
 EASY, HARD = 0.3, 2.0  # observation noise of rank 0's and rank 1's data
-QUIET = dict(enable_progress_bar=False)
+QUIET = {"enable_progress_bar": False}
 
 
 # --------------------------------------------------------------------------- a tiny Gaussian VAE
@@ -100,7 +100,7 @@ def new_vae() -> TinyVAE:
     return TinyVAE()
 
 
-SMALL = dict(lr=3e-3, max_inner_steps=30, check_every=5, mi_samples=4)
+SMALL = {"lr": 3e-3, "max_inner_steps": 30, "check_every": 5, "mi_samples": 4}
 
 
 # --------------------------------------------------------------------------- callbacks run on every rank
@@ -135,8 +135,8 @@ class FailOnRank(pl.Callback):
 
 
 def _two_rank_fit(out: Path, strategy: str, epochs: int = 3):
-    """Two ranks, plain-SVI joint steps after aggressive mode (no clipping, one optimizer: the path that
-    would bypass the gradient hook), KL annealing over the first epoch, checkpoints in ``out/run``."""
+    """Two ranks; after aggressive mode, plain-SVI joint steps (no clipping, one optimizer: the path that
+    would bypass the gradient hook); KL annealing over the first epoch; checkpoints in ``out/run``."""
     out.mkdir(parents=True, exist_ok=True)
     train, valid = corpus()
     vae = new_vae()
@@ -144,7 +144,7 @@ def _two_rank_fit(out: Path, strategy: str, epochs: int = 3):
         vae.model, vae.guide, train, valid, epochs=epochs, accelerator="cpu", devices=2, strategy=strategy,
         run_dir=out / "run", callbacks=[RankRecorder(out)], trainer_options=QUIET,
         clip_norm=None, separate_guide_optim=False, kl_weight=functools.partial(linear_annealing, 0.5, 1),
-        stop_rule="drop", patience=1, mi_noise=100.0,  # leaves aggressive mode at the first check
+        stop_rule="patience", patience=1, max_aggressive_epochs=2,  # MI rule; epoch 2 at the latest
         **SMALL,
     )
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
@@ -206,7 +206,7 @@ def test_aggressive_mode_ends_on_both_ranks_at_the_same_step(two_ranks):
     modes = [[s["aggressive"] for s in r["step_log"]] for r in two_ranks["ranks"]]
     assert modes[0] == modes[1]
     assert True in modes[0] and False in modes[0]
-    assert modes[0].index(False) == 4  # after the first epoch's MI check, on both
+    assert modes[0].index(False) in (4, 8)  # at an epoch's end: after its MI check
     assert two_ranks["result"].aggressive is False
     # the numbers the stop rule read were the same on both ranks
     keys = ("mi", "mi_se", "mi_points", "val_loss", "aggressive", "inner_steps", "kl_weight")
@@ -221,8 +221,9 @@ def test_two_process_mi_agrees_with_single_process_mi_over_the_union(two_ranks):
     The two numbers are separate estimates, each with its own draws; the shard estimate
     also pools 128 points per rank instead of 256 (its aggregate posterior is a little
     noisier, which biases it slightly low). Measured over 20 draws of the single-process
-    estimate: difference -0.035 +- 0.017 nats, about one standard error, never above
-    two. The bound is two standard errors of the difference.
+    estimate: difference -0.048 +- 0.019 nats (about one standard error of either
+    estimate), at most 0.087 in size. The bound, two standard errors of the difference,
+    is 0.11 here.
     """
     final = two_ranks["result"].history[-1]
     vae = two_ranks["vae"]  # holds rank 0's final parameters (read back after the run)
@@ -289,7 +290,10 @@ def _drop_in_worker(rank: int, port: int, out: str) -> None:
                 svi.step(*batch)
                 log.append((svi.last_inner_steps, svi.aggressive))
         params = {n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()}
-        torch.save({"log": log, "mi": svi.mi_history, "params": params}, os.path.join(out, f"drop_in{rank}.pt"))
+        torch.save(
+            {"log": log, "mi": svi.mi_history, "reason": svi.stop_reason, "params": params},
+            os.path.join(out, f"drop_in{rank}.pt"),
+        )
     finally:
         torch.distributed.destroy_process_group()
 
@@ -303,6 +307,9 @@ def test_distributed_svi_as_a_drop_in_keeps_the_ranks_in_step(tmp_path):
     assert first["log"] == second["log"]
     assert first["mi"] == second["mi"] and len(first["mi"]) >= 1  # its own MI checks, reduced
     assert any(inner > 0 for inner, _ in first["log"])
+    # the stop rule, fed the reduced MI, ended aggressive mode on both ranks at the same step
+    assert first["reason"] == second["reason"] and first["reason"].startswith("stop rule")
+    assert [aggressive for _, aggressive in first["log"]].count(False) > 0
     for name in first["params"]:
         assert torch.equal(first["params"][name], second["params"][name]), name
 
@@ -313,7 +320,7 @@ def test_distributed_svi_as_a_drop_in_keeps_the_ranks_in_step(tmp_path):
 @pytest.mark.timeout(120)
 def test_single_process_lightning_reaches_the_mi_band_of_fit():
     train, valid = corpus()
-    options = dict(epochs=3, lr=3e-3, max_inner_steps=30, check_every=5, mi_samples=2, seed=0)
+    options = {"epochs": 3, "lr": 3e-3, "max_inner_steps": 30, "check_every": 5, "mi_samples": 2, "seed": 0}
     vae = new_vae()
     by_fit = fit(vae.model, vae.guide, train, valid, **options).history[-1]
     vae = new_vae()
@@ -328,7 +335,7 @@ def test_single_process_lightning_reaches_the_mi_band_of_fit():
 @pytest.mark.timeout(120)
 def test_resume_continues_where_the_run_stopped(tmp_path):
     train, valid = corpus()
-    options = dict(accelerator="cpu", devices=1, trainer_options=QUIET, **SMALL)
+    options = {"accelerator": "cpu", "devices": 1, "trainer_options": QUIET, **SMALL}
 
     vae = new_vae()
     straight = fit_lightning(vae.model, vae.guide, train, valid, epochs=2, run_dir=tmp_path / "a", **options)
@@ -342,7 +349,7 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     resumed = fit_lightning(vae.model, vae.guide, train, valid, epochs=2, run_dir=tmp_path / "b", resume=True, **options)
 
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    drop = lambda row: {k: v for k, v in row.items() if k != "wall_time"}  # noqa: E731
+    drop = lambda row: {k: v for k, v in row.items() if k != "wall_time"}
     assert [drop(r) for r in resumed.history] == [drop(r) for r in straight.history]
     for name, value in expected.items():
         assert torch.equal(pyro.get_param_store()[name].detach(), value), name
@@ -359,6 +366,19 @@ def test_shards_have_equal_length_and_cover_every_batch():
     assert all(epoch == 3 for s in shards for epoch, _ in s)
 
 
+def test_batch_sources_are_addressed_by_epoch_and_position():
+    import numpy as np
+
+    from pyro_lag.data import ImageBatches
+
+    source = ImageBatches(np.random.default_rng(0).random((40, 3, 3)), 8, seed=1)
+    batches = EpochBatches(source)
+    for epoch in (0, 2):
+        expected = list(source.iter_from(epoch, 0))
+        for position in range(len(source)):
+            assert torch.equal(batches[(epoch, position)][0], expected[position][0])
+
+
 def test_reduce_mi_without_a_process_group_is_the_estimate():
     estimate = MutualInformation(0.5, 0.1, 100, 10000)
     assert reduce_mi(estimate) is estimate
@@ -371,6 +391,9 @@ def test_ddp_names_become_the_unwrapped_strategy():
     assert resolve_strategy("ddp_spawn")._start_method == "spawn"
     assert isinstance(resolve_strategy("auto", "cpu", 2), PyroDDPStrategy)
     assert resolve_strategy("auto", "cpu", 1) == "auto"
+    assert isinstance(resolve_strategy("auto", "cpu", "0,1"), PyroDDPStrategy)
+    assert LightningSettings.for_kind("text").optim == "sgd"
+    assert LightningSettings.for_kind("image", lr=3e-3).lr == 3e-3
     with pytest.raises(ValueError, match="optim"):
         LightningSettings(optim="rmsprop")
 
@@ -381,7 +404,7 @@ def test_spawned_processes_train_like_forked_ones(tmp_path):
     """``ddp_spawn`` (fresh interpreters, as on macOS or with CUDA) gives the same run as ``ddp_fork``."""
     spawned, ranks, _, _ = _two_rank_fit(tmp_path / "spawn", "ddp_spawn", epochs=2)
     forked, _, _, _ = _two_rank_fit(tmp_path / "fork", "ddp_fork", epochs=2)
-    drop = lambda row: {k: v for k, v in row.items() if k != "wall_time"}  # noqa: E731
+    drop = lambda row: {k: v for k, v in row.items() if k != "wall_time"}
     assert [drop(r) for r in spawned.history] == [drop(r) for r in forked.history]
     for name in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])

@@ -21,6 +21,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
+from pyro_lag.diagnostics import ACTIVE_THRESHOLD
+
 if TYPE_CHECKING:
     import arviz
 
@@ -155,7 +157,7 @@ def _log_floor(values: np.ndarray, threshold: float | None = None) -> float:
     return max(floor, 1e-12)
 
 
-def latent_usage(usage: Mapping[str, Any], threshold: float = 0.01) -> str:
+def latent_usage(usage: Mapping[str, Any], threshold: float = ACTIVE_THRESHOLD) -> str:
     """Per-dimension bars of KL and posterior-mean variance (log scale), the threshold marked.
 
     Active dimensions are coloured; values of zero are drawn at the bottom of the log axis.
