@@ -11,6 +11,7 @@ from typing import Any, Optional
 import click
 
 from .methods import METHODS
+from .scale_out import ACCELERATORS, STRATEGIES
 
 
 @click.command("fit")
@@ -34,6 +35,17 @@ from .methods import METHODS
 @click.option("--epochs", type=int, help="Training epochs (default: 50 synthetic, else 10).")
 @click.option("--batch-size", "batch_size", type=int, help="Batch size (default: 16 synthetic, 32 text, 50 images).")
 @click.option("--device", help="cpu or cuda.")
+@click.option("--accelerator", type=click.Choice(ACCELERATORS),
+              help="cpu (default), gpu or auto. Alone it picks the device of the one process; with --devices, "
+                   "--strategy or --num-nodes, the device kind of every process.")
+@click.option("--devices", type=click.IntRange(min=1),
+              help="Processes (one per CPU or GPU device) on each node; more than 1 trains through PyTorch Lightning.")
+@click.option("--strategy", type=click.Choice(STRATEGIES),
+              help="How the processes start: ddp (the command runs again in each; the default), ddp_spawn or "
+                   "ddp_fork. Only global rank 0 writes the run directory.")
+@click.option("--num-nodes", "num_nodes", type=click.IntRange(min=1),
+              help="Machines, each running the same command (MASTER_ADDR, MASTER_PORT, NODE_RANK, or SLURM); "
+                   "needs --out on a filesystem every node sees.")
 @click.option("--seed", type=int, help="Random seed (default 0).")
 @click.option("--threads", type=int, help="CPU threads for torch (default: 1 for the synthetic run, else torch's).")
 @click.option("--out", metavar="RUN_DIR", help="Run directory (default: runs/<model>-<method>-<time>).")

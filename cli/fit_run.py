@@ -19,7 +19,7 @@ from rich.console import Console
 
 from pyro_lag.training import fit
 
-from . import datasets, settings
+from . import datasets, scale_out, settings
 from .artifacts import (
     MEAN_SPACE_POINTS,
     SAMPLE_COUNT,
@@ -85,13 +85,32 @@ def run_fit(model: Optional[str], config_file: Optional[str], out: Optional[str]
         if difference is not None:
             raise click.UsageError(f"--resume: run {out} was made with {difference}; resume with the same settings")
 
+    if config.get("distributed") is not None:
+        _check_distributed(config, out)
+
     with settings.torch_threads(config["threads"]):
         _run(console, config, out, resume, stored)
 
 
+def _check_distributed(config: dict[str, Any], out: Optional[str]) -> None:
+    """What a multi-process run needs beyond one process: Lightning, and a shared --out across nodes."""
+    scale_out.require_lightning()
+    if config["distributed"]["num_nodes"] > 1 and out is None and not scale_out.started_by_lightning():
+        raise click.UsageError(f"--num-nodes {config['distributed']['num_nodes']} needs --out RUN_DIR, "
+                               "a folder every node sees (each node runs the same command)")
+
+
 def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: bool,
          stored: Optional[dict[str, Any]]) -> None:
-    """Load and check everything, claim the run directory, train, and write the results."""
+    """Load and check everything, claim the run directory, train, and write the results.
+
+    In a multi-process run every rank comes here; only global rank 0 claims and writes the run
+    directory, the others load the same data and model, train, and return.
+    """
+    distributed = config.get("distributed")
+    writer = distributed is None or scale_out.writes_results()
+    if not writer:
+        out = scale_out.shared_run_dir(out)
     # ---- load and check everything before the run directory is touched
     resumed_marker = RunDirectory(Path(out)).marker() if stored is not None else None
     splits = datasets.load_splits(config["data"], vocab=_stored_vocab(out) if stored else None)
@@ -105,6 +124,14 @@ def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: b
                        len(splits.vocab) if splits.vocab is not None else None,
                        search_path=(resumed_marker or {}).get("model_import_root"))
     has_latents = check_local_latents(handle, next(iter(train.iter_from(0, 0))))
+    if distributed is not None and not has_latents:
+        raise click.UsageError(f"MODEL '{config['model']}' has no latent variable (a decoder-only baseline): "
+                               "train it in one process, without --devices/--strategy/--num-nodes")
+    if not writer:
+        from .fit_distributed import train_other_rank
+
+        train_other_rank(config, handle, splits.kind, train, valid, out, resume)
+        return
 
     run = RunDirectory(Path(out) if out is not None else _default_out(config))
     resumed = run.claim(resume)
@@ -119,8 +146,15 @@ def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: b
             write_json(run.file(VOCAB_FILE), splits.vocab.to_list())
             written.append(VOCAB_FILE)
         _print_start(console, config, splits, run, marker, resumed is not None)
-        result = _train(console, run, config, handle, splits, train, valid, test, evaluated_on, has_latents,
-                        device, resume)
+        if distributed is None:
+            result = _train(console, run, config, handle, splits, train, valid, test, evaluated_on, has_latents,
+                            device, resume)
+        else:
+            from .fit_distributed import train as train_distributed
+
+            label = _evaluation_label(evaluated_on, config["fit"].get("iw_samples", 0))
+            result, device = train_distributed(console, run, config, handle, splits, train, valid, test, label,
+                                               has_latents, resume)
         metrics = final_metrics(result.test, splits, evaluated_on, config["fit"].get("iw_samples", 0))
         extra = {"best_epoch": result.best_epoch, "stopped": result.stopped, "fit_config": result.config,
                  "decoder_only": result.decoder_only}
@@ -206,6 +240,9 @@ def _print_start(console: Console, config: dict[str, Any], splits, run: RunDirec
     sizes = " / ".join(f"{count} {split}" for split, count in splits.sizes.items())
     what = "sentences" if splits.kind == "text" else "images"
     console.print(f"data: {datasets.describe(config['data'])} ({sizes} {what})", markup=False, soft_wrap=True)
+    if config.get("distributed") is not None:
+        console.print(f"distributed: {scale_out.describe(config['distributed'])} through PyTorch Lightning; "
+                      "rank 0 writes the run directory", markup=False, soft_wrap=True)
 
 
 def _print_summary(console: Console, run: RunDirectory, metrics: dict[str, Any], result) -> None:

@@ -29,6 +29,12 @@ A config file uses the flag names as top-level keys and four tables::
     lr = 0.5
     iw_samples = 100
 
+    [distributed]                  # several processes, through PyTorch Lightning (see .scale_out)
+    accelerator = "cpu"            # cpu|gpu|auto
+    devices = 2                    # processes per node
+    strategy = "ddp"               # ddp|ddp_spawn|ddp_fork
+    num_nodes = 1
+
 Relative paths in the file are relative to the file's folder.
 """
 from __future__ import annotations
@@ -47,6 +53,7 @@ import torch
 
 from pyro_lag.training import fit
 
+from . import scale_out
 from .datasets import data_kind, resolve_data
 from .methods import METHODS
 from .pairs import default_model
@@ -54,7 +61,7 @@ from .pairs import default_model
 TOP_KEYS = ("model", "preset", "method", "anneal", "epochs", "batch_size", "device", "seed", "threads")
 DATA_KEYS = ("path", "train", "valid", "test", "valid_size")
 SYNTHETIC_KEYS = ("train", "valid", "test", "seed")
-TABLES = ("data", "synthetic", "model_options", "fit")
+TABLES = ("data", "synthetic", "model_options", "fit", "distributed")
 
 # fit() arguments that the command sets itself; everything else may go in [fit].
 _FIT_RESERVED = {
@@ -130,6 +137,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         _check_keys(f"config file {path} [synthetic]", raw["synthetic"], SYNTHETIC_KEYS)
     if "fit" in raw:
         _check_keys(f"config file {path} [fit]", raw["fit"], fit_option_names())
+    if "distributed" in raw:
+        _check_keys(f"config file {path} [distributed]", raw["distributed"], scale_out.KEYS)
     return raw
 
 
@@ -219,6 +228,9 @@ def resolve_config(flags: dict[str, Any], user: dict[str, Any], stored: Optional
         "fit": fit_options,
         "data": data,
     }
+    distributed, config["device"] = scale_out.resolve(flags, user, stored, config["device"], fit_options)
+    if distributed is not None:  # one process: no key, config.json exactly as before
+        config["distributed"] = distributed
     _check_config(config)
     return config
 

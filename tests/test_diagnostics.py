@@ -280,13 +280,18 @@ def test_mi_of_a_guide_that_ignores_x_is_zero_within_noise_target():
 
 
 def test_mi_of_exact_posterior_within_two_percent_on_1000_points():
+    """On sets of 1,000 points the estimate is within 2% of the closed form on average, and each
+    within three of its standard errors (the error left is the spread of the 1,000 points drawn)."""
     lg = make_linear_gaussian(D=4, d=2, s=0.8)
-    x = lg.sample(1000, torch.Generator().manual_seed(22))
     from pyro_lag.diagnostics import estimate_mutual_information
 
-    estimate = estimate_mutual_information(lg.exact_guide, x.split(32), num_samples=8)
-    assert abs(estimate.value - lg.true_mi) / lg.true_mi < 0.02
-    assert abs(estimate.value - lg.true_mi) < 3 * estimate.se + 0.01
+    errors = []
+    for seed in range(5):
+        x = lg.sample(1000, torch.Generator().manual_seed(100 + seed))
+        estimate = estimate_mutual_information(lg.exact_guide, x.split(32), num_samples=4)
+        assert abs(estimate.value - lg.true_mi) < 3 * estimate.se
+        errors.append(estimate.value - lg.true_mi)
+    assert abs(sum(errors) / len(errors)) / lg.true_mi < 0.02
 
 
 def test_mi_is_not_capped_by_the_batch_size():

@@ -445,3 +445,30 @@ def test_guide_without_local_latent_trains_as_plain_svi():
     svi.step(x)
     assert svi.aggressive is False and svi.last_inner_steps == 0
     assert svi.param_split.has_local_latent is False
+
+
+def test_jit_tracer_warnings_appear_once_as_under_svi():
+    """A JIT loss compiles once per kind of step; its tracer warnings must not repeat for each copy."""
+
+    def noisy_guide(x):
+        pyro.module("encoder", vae_for_jit.encoder)
+        loc, log_scale = vae_for_jit.encoder(x).chunk(2, -1)
+        if bool(loc.sum() > -1e9):  # a Python bool on a traced tensor: a TracerWarning when compiled
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+    def count(svi_class):
+        pyro.clear_param_store()
+        svi = svi_class(vae_for_jit.model, noisy_guide, Adam({"lr": 1e-3}), JitTrace_ELBO(), **(
+            {"max_inner_steps": 2, "check_every": 1, "mi_every": None} if svi_class is AggressiveSVI else {}))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                svi.step(x)
+        return sum(issubclass(w.category, torch.jit.TracerWarning) for w in caught)
+
+    vae_for_jit = VAE()
+    x = data(16)
+    plain = count(SVI)
+    assert plain >= 1
+    assert count(AggressiveSVI) == plain

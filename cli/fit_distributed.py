@@ -1,0 +1,238 @@
+"""``pyro-lag fit`` on several processes: training through :func:`pyro_lag.lightning.fit_lightning`.
+
+Every rank trains; global rank 0 alone shows progress, keeps metrics.json current, and, once
+training has ended, evaluates the best parameters on the test split (IW-NLL included) and
+returns a :class:`pyro_lag.training.FitResult` like :func:`pyro_lag.fit`'s, so the rest of
+the command is the same for one process and for many.
+
+What differs from one process: the settings come from the same resolution as ``fit``'s
+(:func:`lightning_settings`); each epoch's row has the validation ELBO and MI reduced over
+the ranks but no KL or AU (those come in the final evaluation); mid-epoch checkpoints
+(``checkpoint_every``) are refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import click
+import pyro
+import torch
+from rich.console import Console
+
+from pyro_lag.checkpoint import load_checkpoint, restore_param_store
+from pyro_lag.training import FitResult
+
+from .artifacts import MEAN_SPACE_POINTS, HistoryWriter, MeanSpaceRecorder, collect_batches, to_device
+from .pairs import PairHandle
+from .progress import LiveMonitor, TrainingLog, epoch_line, training_progress
+from .rundir import CHECKPOINT_DIR, METRICS_FILE, RunDirectory, read_json
+from .scale_out import RUN_DIR_ENV, START_METHODS
+
+QUIET_TRAINER = {"enable_progress_bar": False}
+
+
+def lightning_settings(config: Mapping[str, Any], kind: str, steps_per_epoch: int):
+    """The :class:`~pyro_lag.lightning.LightningSettings` that ``pyro_lag.fit`` would train with:
+    its defaults and per-kind choices (one resolution for both), the method as a KL weight."""
+    from pyro_lag.handlers import cyclical, linear_annealing
+    from pyro_lag.lightning import LightningSettings
+    from pyro_lag.training import _resolve_settings, fit
+
+    defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    r = _resolve_settings({**defaults, **config["fit"], "method": config["method"], "anneal": bool(config["anneal"]),
+                           "epochs": config["epochs"], "seed": config["seed"]}, kind, steps_per_epoch)
+    method, kl_weight, free_bits = r["method"], None, None
+    if method == "anneal" or r["anneal"]:
+        kl_weight = functools.partial(linear_annealing, r["kl_start"], r["warm_up"])
+    elif method == "beta":
+        kl_weight = float(r["beta"])
+    elif method == "cyclical":
+        kl_weight = functools.partial(cyclical, r["cycles"], r["cycle_ratio"], int(r["epochs"]))
+    elif method == "free-bits":
+        free_bits = float(r["free_bits"])
+    return LightningSettings(
+        optim=r["optim"], lr=r["lr"], loss=r["loss"], clip_norm=r["clip_norm"], clip_scope=r["clip_scope"],
+        stop_rule=r["stop_rule"], patience=r["patience"], mi_noise=r["mi_noise"], mi_samples=r["mi_samples"],
+        max_inner_steps=r["max_inner_steps"], check_every=r["check_every"],
+        max_aggressive_epochs=r["max_aggressive_epochs"], aggressive=method == "aggressive", kl_weight=kl_weight,
+        free_bits=free_bits, seed=int(r["seed"]), lr_decay=r["lr_decay"], decay_patience=int(r["decay_patience"]),
+        decay_after=int(r["decay_after"]), max_decays=int(r["max_decays"]),
+    )
+
+
+def program_device(handle: PairHandle) -> torch.device:
+    """Where the pair's parameters are now (Lightning placed rank 0's on its device)."""
+    for owner in (handle.pair, getattr(handle.model, "__self__", None), getattr(handle.guide, "__self__", None)):
+        if isinstance(owner, torch.nn.Module):
+            for parameter in owner.parameters():
+                return parameter.device
+    for _, parameter in pyro.get_param_store().named_parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+class _FollowingMonitor(LiveMonitor):
+    """The live KL/MI monitor, with its batch on the device the pair trains on."""
+
+    def __init__(self, handle: PairHandle, batch: Any) -> None:
+        super().__init__(handle.model, handle.guide, batch)
+        self.handle = handle
+
+    def __call__(self) -> dict[str, float]:
+        self.batch = to_device(self.batch, program_device(self.handle))
+        return super().__call__()
+
+
+class _FollowingRecorder(MeanSpaceRecorder):
+    """The posterior-mean-space snapshots, with their batches on the device the pair trains on."""
+
+    def _record(self, key: str, label: str) -> None:
+        device = program_device(self.handle)
+        self.batches = [to_device(b, device) for b in self.batches]
+        super()._record(key, label)
+
+
+class EpochLines:
+    """One plain line per epoch from rank 0's process; it can be pickled into a ``ddp_spawn`` process."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_epoch_end(self, row: Mapping[str, Any]) -> None:
+        print(epoch_line(row, self.epochs), flush=True)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up notes (GPU available..., Initializing distributed...) and its advice on
+    data loader workers say nothing about this run: keep them out of the output."""
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=r".*`srun` command is available.*")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _run_dir_for_other_ranks(start_method: str, path: Path) -> Iterator[None]:
+    """With ``ddp`` the other processes run the command again: tell them which run directory this is."""
+    if start_method != "popen":
+        yield
+        return
+    previous = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(path.resolve())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = previous
+
+
+def _fit_lightning(config: Mapping[str, Any], handle: PairHandle, kind: str, train: Any, valid: Any,
+                   run_dir: Path, resume: bool, fit_callbacks: list[Any]):
+    from pyro_lag.lightning import fit_lightning
+
+    setup = config["distributed"]
+    settings = lightning_settings(config, kind, math.ceil(len(train) / setup["world_size"]))
+    with quiet_lightning():
+        result = fit_lightning(
+            handle.model, handle.guide, train, valid, epochs=config["epochs"], accelerator=setup["accelerator"],
+            devices=setup["devices"], strategy=setup["strategy"], num_nodes=setup["num_nodes"], run_dir=run_dir,
+            resume=resume, settings=settings, fit_callbacks=fit_callbacks, trainer_options=QUIET_TRAINER,
+        )
+    return result, settings
+
+
+def train_other_rank(config: Mapping[str, Any], handle: PairHandle, kind: str, train: Any, valid: Any,
+                     run_path: Optional[str], resume: bool) -> None:
+    """A rank other than 0: train, write nothing, print nothing of its own."""
+    if run_path is None:
+        raise click.UsageError("this process is not rank 0 of a multi-process run and has no run directory: "
+                               "give --out RUN_DIR, a folder every node sees")
+    _fit_lightning(config, handle, kind, train, valid, Path(run_path) / CHECKPOINT_DIR, resume, [])
+
+
+def train(console: Console, run: RunDirectory, config: Mapping[str, Any], handle: PairHandle, splits: Any,
+          train: Any, valid: Any, test: Any, evaluation_label: str, has_latents: bool,
+          resume: bool) -> tuple[FitResult, torch.device]:
+    """Rank 0: train with the other ranks, then evaluate the best parameters on ``test`` alone.
+
+    Returns the result as :func:`pyro_lag.fit` would, and the device the pair is on afterwards.
+    """
+    setup = config["distributed"]
+    start = START_METHODS[setup["strategy"]]
+    previous = read_json(run.file(METRICS_FILE))["history"] if resume and run.file(METRICS_FILE).is_file() else []
+    steps = math.ceil(len(train) / setup["world_size"])
+    cpu = torch.device("cpu")
+    monitor = recorder = None
+    if has_latents and start != "spawn":
+        monitor = _FollowingMonitor(handle, to_device(next(iter(valid.iter_from(0, 0))), cpu))
+        from .artifacts import mean_space_supported
+
+        if mean_space_supported(handle):
+            recorder = _FollowingRecorder(run, handle, collect_batches(valid, MEAN_SPACE_POINTS, cpu))
+    options = {"first_epoch": len(previous) + 1, "evaluation_label": evaluation_label}
+    # a live bar only where rank 0 is this process; a forked or spawned rank 0 prints plain lines
+    if start == "popen":
+        display = training_progress(console, config["epochs"], steps, monitor, **options)
+    else:
+        display = TrainingLog(console, config["epochs"], steps, monitor, **options)
+    history = HistoryWriter(RunDirectory(run.path), previous)  # no lock handle in it: it can be pickled
+    fit_callbacks: list[Any] = [history]
+    if start == "spawn":
+        fit_callbacks.insert(0, EpochLines(config["epochs"]))
+    else:
+        fit_callbacks = [display, history, *([recorder] if recorder is not None else [])]
+    with display, _run_dir_for_other_ranks(start, run.path):
+        result, settings = _fit_lightning(config, handle, splits.kind, train, valid, run.checkpoints, resume,
+                                          fit_callbacks)
+        test_metrics = _test_pass(run, config, handle, test, settings.mi_samples, display.evaluation_step)
+    if recorder is not None:  # a fresh recorder reads the snapshots rank 0 wrote, wherever it ran
+        _FollowingRecorder(run, handle, recorder.batches).final(result.best_epoch)
+    fit_result = FitResult(
+        history=[dict(row) for row in result.history],
+        test=test_metrics,
+        best_epoch=result.best_epoch,
+        best_val_loss=result.best_val_loss,
+        stopped=result.stopped or f"completed {config['epochs']} epochs",
+        decoder_only=False,
+        run_dir=run.checkpoints,
+        config={**result.config, "world_size": result.world_size},
+    )
+    return fit_result, program_device(handle)
+
+
+def _test_pass(run: RunDirectory, config: Mapping[str, Any], handle: PairHandle, test: Any, mi_samples: int,
+               progress: Any) -> dict[str, Any]:
+    """The best parameters (best.pt) on the test split, on this process alone, as fit's final pass."""
+    from pyro_lag.diagnostics import evaluate
+    from pyro_lag.lightning import BEST_CHECKPOINT
+
+    best = run.checkpoints / BEST_CHECKPOINT
+    if best.is_file():
+        restore_param_store(load_checkpoint(best)["params"])
+    device = program_device(handle)
+    batches = [to_device(batch, device) for batch in test.iter_from(0, 0)]
+    pyro.set_rng_seed(int(config["seed"]))  # the same numbers whichever process ran it
+    metrics = evaluate(handle.model, handle.guide, batches, iw_samples=int(config["fit"].get("iw_samples", 0)),
+                       iw_chunk_size=int(config["fit"].get("iw_chunk_size", 100)), mi_samples=mi_samples,
+                       progress=progress)
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}

@@ -1,0 +1,115 @@
+"""What a Lightning run keeps between epochs: rank 0's checkpoints, and the learning-rate plateau."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .checkpoint import capture_param_store, capture_rng_state, capture_training_state, save_checkpoint
+from .distributed import is_distributed
+
+if TYPE_CHECKING:
+    from .lightning_module import AggressiveLightningModule
+    from .lightning_settings import LightningSettings
+
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+class _RankZeroCheckpoints:
+    """``last.pt`` and ``best.pt`` in a run directory, written by global rank 0 only, atomically.
+
+    Every rank contributes its own random state and data-source state to ``last.pt`` (one
+    gather), so a resumed run with the same number of ranks continues each rank's streams.
+    """
+
+    def __init__(self, run_dir: str | Path | None) -> None:
+        self.run_dir = None if run_dir is None else Path(run_dir)
+
+    @property
+    def last(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / LAST_CHECKPOINT
+
+    @property
+    def best(self) -> Path | None:
+        return None if self.run_dir is None else self.run_dir / BEST_CHECKPOINT
+
+    def write_last(self, module: AggressiveLightningModule) -> None:
+        own = {"rng": capture_rng_state(), "train_source": module.source_state()}
+        ranks = _gather(own)
+        if self.last is None or module.global_rank != 0:
+            return
+        meta = {
+            "config": module.settings.record(),
+            "epoch": module.epochs_done,
+            "history": module.history,
+            "svi": _plain(module.svi.state_dict()),
+            "world_size": len(ranks),
+            "ranks": ranks,
+            "best_val_loss": module.best_val_loss,
+            "best_epoch": module.best_epoch,
+            "plateau": dataclasses.asdict(module.plateau),
+            "stopped": module.stopped,
+        }
+        save_checkpoint(self.last, capture_training_state(module.optims(), meta))
+
+    def write_best(self, module: AggressiveLightningModule, val_loss: float) -> None:
+        if self.best is None or module.global_rank != 0:
+            return
+        meta = {"epoch": module.epochs_done, "val_loss": val_loss}
+        save_checkpoint(self.best, {"params": capture_param_store(), "meta": meta})
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (a one-element list without a process group)."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.dim() > 0 else value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass
+class Plateau:
+    """Where the reference's learning-rate decay stands (as :func:`pyro_lag.fit` keeps it): the
+    current lr, the plateau's validation loss, epochs above it, and decays so far."""
+
+    lr: float
+    plateau_loss: float = 1e4
+    not_improved: int = 0
+    decays: int = 0
+
+    def should_decay(self, settings: LightningSettings, epoch: int, val_loss: float) -> bool:
+        """Record epoch ``epoch``'s (0-based) validation loss; True when lr decays now (then the
+        plateau restarts at this loss and the lr is already scaled)."""
+        if settings.lr_decay is None:
+            return False
+        if val_loss <= self.plateau_loss:
+            self.not_improved = 0
+            self.plateau_loss = val_loss
+            return False
+        self.not_improved += 1
+        if self.not_improved < settings.decay_patience or epoch < settings.decay_after:
+            return False
+        self.plateau_loss = val_loss
+        self.not_improved = 0
+        self.decays += 1
+        self.lr = self.lr * settings.lr_decay
+        return True
+
+    def exhausted(self, settings: LightningSettings) -> bool:
+        """Whether training should stop: the lr has decayed ``max_decays`` times."""
+        return settings.lr_decay is not None and self.decays >= settings.max_decays
