@@ -8,34 +8,29 @@ Monte Carlo otherwise.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
-import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.trace_struct import Trace
-from pyro.poutine.util import site_is_subsample
 
-from .densities import SiteDensity, posterior_mean
+from .active_units import ACTIVE_THRESHOLD, ActiveUnits, active_units
+from .densities import SiteDensity
+from .importance import iw_log_likelihood
 from .mutual_information import (
     POOL_SIZE,
     MIAccumulator,
     MutualInformation,
     terms_by_replay,
 )
-from .sites import (
-    Batch,
-    detach_trace,
-    find_data_plate,
-    is_latent,
-    local_latent_sites,
-    max_plate_nesting,
-    normalize_batch,
-    point_log_prob,
-    site_frame,
+from .sites import Batch, is_latent, point_log_prob, site_frame
+from .views import (
+    View,
+    as_batches,
+    eval_mode,
+    plate_dim_in,
+    trace_guide,
+    trace_model,
+    view_of,
 )
 
 __all__ = [
@@ -43,78 +38,12 @@ __all__ = [
     "evaluate", "iw_log_likelihood", "mutual_information",
 ]
 
-ACTIVE_THRESHOLD = 0.01
-"""Variance of the posterior mean across the data at or above which a latent unit is active."""
-PARTICLE_PLATE = "_pyro_lag_particles"
 
-
-@contextlib.contextmanager
-def eval_mode(*fns: Callable) -> Iterator[None]:
-    """Put the torch modules behind these callables (modules or their bound methods) in eval mode."""
-    modules = []
-    for fn in fns:
-        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
-        if isinstance(owner, torch.nn.Module) and all(owner is not m for m, _ in modules):
-            modules.append((owner, owner.training))
-    for module, _ in modules:
-        module.eval()
-    try:
-        yield
-    finally:
-        for module, was_training in modules:
-            module.train(was_training)
-
-
-def _trace_guide(guide: Callable, args: tuple, kwargs: dict) -> Trace:
-    return poutine.trace(guide).get_trace(*args, **kwargs)
-
-
-def _trace_model(model: Callable, guide_trace: Trace, args: tuple, kwargs: dict) -> Trace:
-    return poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-
-
-def _plate_dim_in(trace: Trace, name: str, plate: str) -> int:
-    frame = site_frame(trace.nodes[name], plate)
-    if frame is None:
-        raise ValueError(f"site {name!r} lost the data plate {plate!r} on replay")
-    return frame.dim
-
-
-@dataclass
-class _View:
-    """One batch seen through the guide: its trace, data plate and local sites (and the model's trace)."""
-
-    args: tuple
-    kwargs: dict
-    trace: Trace
-    plate: str
-    densities: list[SiteDensity]
-    model_trace: Trace | None = None
-
-    @property
-    def size(self) -> int:
-        return self.densities[0].size
-
-
-def _view(guide: Callable, batch: Batch, data_plate: str | None, model: Callable | None = None) -> _View:
-    args, kwargs = normalize_batch(batch)
-    trace = _trace_guide(guide, args, kwargs)
-    model_trace = _trace_model(model, trace, args, kwargs) if model is not None else None
-    plate = find_data_plate(trace, data_plate, model_trace=model_trace, batch=(args, kwargs))
-    densities = [
-        SiteDensity.of(s.name, trace.nodes[s.name], s.dim) for s in local_latent_sites(trace, plate)
-    ]
-    sizes = {d.size for d in densities}
-    if len(sizes) > 1:
-        raise ValueError(f"the local sites of plate {plate!r} disagree on its size: {sorted(sizes)}")
-    return _View(args, kwargs, trace, plate, densities, model_trace)
-
-
-def _sites_depend_on_each_other(guide: Callable, view: _View) -> bool:
+def _sites_depend_on_each_other(guide: Callable, view: View) -> bool:
     """Whether a local site's distribution changes when the other local sites take other values."""
     if len(view.densities) < 2:
         return False
-    other = _trace_guide(guide, view.args, view.kwargs)
+    other = trace_guide(guide, view.args, view.kwargs)
     mixed = view.trace.copy()
     for d in view.densities:
         node = dict(view.trace.nodes[d.name])
@@ -122,27 +51,21 @@ def _sites_depend_on_each_other(guide: Callable, view: _View) -> bool:
         mixed.nodes[d.name] = node
     replayed = poutine.trace(poutine.replay(guide, trace=mixed)).get_trace(*view.args, **view.kwargs)
     for d in view.densities:
-        moved = SiteDensity.of(d.name, replayed.nodes[d.name], _plate_dim_in(replayed, d.name, view.plate))
+        moved = SiteDensity.of(d.name, replayed.nodes[d.name], plate_dim_in(replayed, d.name, view.plate))
         if not torch.allclose(moved.elementwise(d.value), d.elementwise(), equal_nan=True):
             return True
     return False
 
 
-def _add_mi(accumulator: MIAccumulator, guide: Callable, view: _View) -> None:
+def _add_mi(accumulator: MIAccumulator, guide: Callable, view: View) -> None:
     if _sites_depend_on_each_other(guide, view):
         terms = terms_by_replay(
             guide, view.trace, view.densities, view.args, view.kwargs,
-            lambda trace, name: _plate_dim_in(trace, name, view.plate),
+            lambda trace, name: plate_dim_in(trace, name, view.plate),
         )
         accumulator.add_terms(terms, view.size**2)
     else:
         accumulator.add_independent(view.densities)
-
-
-def _batches(batches: Iterable[Batch] | Batch) -> Iterable[Batch]:
-    if isinstance(batches, torch.Tensor):
-        return [batches]
-    return batches
 
 
 # ------------------------------------------------------------------ mutual information
@@ -167,12 +90,12 @@ def estimate_mutual_information(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
-    batches = list(_batches(batches))
+    batches = list(as_batches(batches))
     accumulator = MIAccumulator(pool_size)
     with torch.no_grad(), eval_mode(guide):
         for _ in range(num_samples):
             for batch in batches:
-                _add_mi(accumulator, guide, _view(guide, batch, data_plate, model))
+                _add_mi(accumulator, guide, view_of(guide, batch, data_plate, model))
             accumulator.flush()
     return accumulator.result(num_samples)
 
@@ -189,96 +112,6 @@ def mutual_information(
     return estimate_mutual_information(
         guide, batches, model=model, data_plate=data_plate, num_samples=num_samples
     ).value
-
-
-# ------------------------------------------------------------------ active units
-
-
-class _MaskedVariance:
-    """Streaming mean and unbiased variance per unit over the data points where the unit is present.
-
-    Chan et al.'s parallel update, column by column; one instance per latent site.
-    """
-
-    def __init__(self) -> None:
-        self.count: torch.Tensor | None = None
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def update(self, rows: torch.Tensor, present: torch.Tensor | None) -> None:
-        rows = rows.double()
-        weight = torch.ones_like(rows) if present is None else present.to(rows.dtype)
-        n = weight.sum(0)
-        mean = (rows * weight).sum(0) / n.clamp(min=1)
-        m2 = (((rows - mean) ** 2) * weight).sum(0)
-        if self.count is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        self._grow(n.shape[0])
-        n, mean, m2 = (_pad(t, self.count.shape[0]) for t in (n, mean, m2))
-        total = self.count + n
-        delta = mean - self.mean
-        share = torch.where(total > 0, n / total.clamp(min=1), torch.zeros_like(n))
-        self.m2 = self.m2 + m2 + delta**2 * self.count * share
-        self.mean = self.mean + delta * share
-        self.count = total
-
-    def _grow(self, units: int) -> None:
-        assert self.count is not None and self.mean is not None and self.m2 is not None
-        if units > self.count.shape[0]:
-            self.count, self.mean, self.m2 = (_pad(t, units) for t in (self.count, self.mean, self.m2))
-
-    def variance(self) -> torch.Tensor:
-        assert self.count is not None and self.m2 is not None
-        return torch.where(self.count > 1, self.m2 / (self.count - 1).clamp(min=1), torch.zeros_like(self.m2)).float()
-
-
-def _pad(values: torch.Tensor, units: int) -> torch.Tensor:
-    return torch.nn.functional.pad(values, (0, units - values.shape[0]))
-
-
-class _ActiveUnits:
-    """Posterior-mean variance per latent unit, accumulated batch by batch, site by site."""
-
-    def __init__(self, num_samples: int = 64) -> None:
-        self.num_samples = num_samples
-        self.sites: dict[str, _MaskedVariance] = {}
-        self.points = 0
-
-    def update(self, view: _View) -> None:
-        for d in view.densities:
-            rows, present = posterior_mean(d, self.num_samples)
-            self.sites.setdefault(d.name, _MaskedVariance()).update(rows, present)
-        self.points += view.size
-
-    def variance(self) -> torch.Tensor:
-        if self.points < 2:
-            raise ValueError("active units need at least two data points")
-        return torch.cat([v.variance() for v in self.sites.values()])
-
-
-def active_units(
-    guide: Callable,
-    batches: Iterable[Batch],
-    threshold: float = ACTIVE_THRESHOLD,
-    *,
-    model: Callable | None = None,
-    data_plate: str | None = None,
-    num_samples: int = 64,
-) -> tuple[int, torch.Tensor]:
-    """Active latent units: those whose posterior mean E_q[z_d|x] varies across the data by >= threshold.
-
-    Returns the count and the per-unit variance (unbiased) of the posterior mean; units are
-    the entries of each local site per data point, in site order, and a masked entry counts
-    only for the points where it is present. A categorical latent has one unit per category
-    (its probabilities).
-    """
-    units = _ActiveUnits(num_samples)
-    with torch.no_grad(), eval_mode(guide):
-        for batch in _batches(batches):
-            units.update(_view(guide, batch, data_plate, model))
-    variance = units.variance()
-    return int((variance >= threshold).sum()), variance
 
 
 # ------------------------------------------------------------------ KL and reconstruction
@@ -304,9 +137,9 @@ def _site_kl(model_site: dict | None, density: SiteDensity, plate: str) -> tuple
     return per_point, masked.movedim(density.position, 0).reshape(density.size, -1)
 
 
-def _kl_and_recon(model: Callable, view: _View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _kl_and_recon(model: Callable, view: View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-point KL(q(z|x) || p(z)) over local sites, E_q log p(x|z), and KL per unit if elementwise."""
-    model_trace = view.model_trace if view.model_trace is not None else _trace_model(model, view.trace, view.args, view.kwargs)
+    model_trace = view.model_trace if view.model_trace is not None else trace_model(model, view.trace, view.args, view.kwargs)
     plate = view.plate
     device = view.densities[0].value.device
     recon = torch.zeros(view.size, device=device)
@@ -339,98 +172,6 @@ def _kl_and_recon(model: Callable, view: _View) -> tuple[torch.Tensor, torch.Ten
     return kl, recon, (torch.cat(per_unit, dim=1) if per_unit else None)
 
 
-# ------------------------------------------------------------------ importance-weighted NLL
-
-
-def _iw_log_weights(
-    model: Callable, guide: Callable, args: tuple, kwargs: dict, plate: str, particles: int, depth: int
-) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k|x) per particle and data point, [particles, B], in one vectorized run."""
-    with pyro.plate(PARTICLE_PLATE, particles, dim=-(depth + 1)):
-        guide_trace = _trace_guide(guide, args, kwargs)
-        model_trace = _trace_model(model, detach_trace(guide_trace), args, kwargs)
-    for trace in (guide_trace, model_trace):
-        _check_plate_shapes(trace)
-    return _sum_log_weights(model_trace, guide_trace, plate, keep_left=1)
-
-
-def _check_plate_shapes(trace: Trace) -> None:
-    """Refuse a vectorized run where a site's batch shape spans dims that none of its plates own.
-
-    A distribution built from a global draw (LDA's ``Dirichlet(topic_weights)``) can broadcast
-    against the particle plate into an extra dim, scoring each particle's local draw under every
-    particle's globals; summing that would be silently wrong, so such programs run one particle
-    at a time instead.
-    """
-    for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
-            continue
-        batch_shape = site["fn"].batch_shape
-        owned = {f.dim: f.size for f in site["cond_indep_stack"] if f.vectorized}
-        for index, size in enumerate(batch_shape):
-            dim = index - len(batch_shape)
-            if size != 1 and (dim not in owned or owned[dim] not in (size, -1)):
-                raise ValueError(f"site {name!r} has batch shape {tuple(batch_shape)} beyond its plates")
-
-
-def _sum_log_weights(model_trace: Trace, guide_trace: Trace, plate: str, keep_left: int) -> torch.Tensor:
-    log_w = 0.0
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            lp = point_log_prob(site, plate, keep_left)
-            if lp is not None:
-                log_w = log_w + lp
-    for site in guide_trace.nodes.values():
-        if is_latent(site):
-            lp = point_log_prob(site, plate, keep_left)
-            if lp is not None:
-                log_w = log_w - lp
-    return log_w
-
-
-def iw_log_likelihood(
-    model: Callable,
-    guide: Callable,
-    *args: Any,
-    num_samples: int = 500,
-    chunk_size: int = 100,
-    data_plate: str | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Importance-weighted estimate of log p(x) for each data point of one batch, [B].
-
-    log (1/K) sum_k p(x, z_k) / q(z_k|x) with K = ``num_samples``, drawn ``chunk_size`` at a
-    time inside a particle plate to the left of every plate of the program. It is a
-    lower bound in expectation that tightens as K grows. Programs that cannot broadcast
-    over the particle plate are run one particle at a time.
-    """
-    if num_samples < 1 or chunk_size < 1:
-        raise ValueError("num_samples and chunk_size must be positive")
-    with torch.no_grad(), eval_mode(model, guide):
-        view = _view(guide, (args, kwargs), data_plate, model)
-        assert view.model_trace is not None
-        depth = max_plate_nesting(view.trace, view.model_trace)
-        chunks = []
-        remaining = num_samples
-        vectorized = True
-        while remaining > 0:
-            size = min(chunk_size, remaining)
-            if vectorized:
-                try:
-                    chunks.append(_iw_log_weights(model, guide, args, kwargs, view.plate, size, depth))
-                    remaining -= size
-                    continue
-                except (RuntimeError, ValueError, IndexError):
-                    vectorized = False
-            for _ in range(size):
-                guide_trace = _trace_guide(guide, args, kwargs)
-                model_trace = _trace_model(model, guide_trace, args, kwargs)
-                chunks.append(_sum_log_weights(model_trace, guide_trace, view.plate, 0).unsqueeze(0))
-            remaining -= size
-        log_w = torch.cat(chunks, dim=0)
-    return torch.logsumexp(log_w, dim=0) - math.log(num_samples)
-
-
 # ------------------------------------------------------------------ everything at once
 
 
@@ -459,15 +200,15 @@ def evaluate(
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0, "iw_nll": 0.0}
     kl_units: torch.Tensor | None = None
     kl_units_ok = True
-    units = _ActiveUnits()
+    units = ActiveUnits()
     accumulator = MIAccumulator(mi_pool_size)
     count = 0
-    batches = list(_batches(batches))
+    batches = list(as_batches(batches))
     if progress is not None:
         progress(0, len(batches))
     with torch.no_grad(), eval_mode(model, guide):
         for done, batch in enumerate(batches, 1):
-            view = _view(guide, batch, data_plate, model)
+            view = view_of(guide, batch, data_plate, model)
             kl, recon, kl_dim = _kl_and_recon(model, view)
             sums["kl"] += float(kl.sum())
             sums["recon"] += float(recon.sum())
@@ -490,7 +231,7 @@ def evaluate(
         for _ in range(mi_samples - 1):
             accumulator.flush()
             for batch in batches:
-                _add_mi(accumulator, guide, _view(guide, batch, data_plate, model))
+                _add_mi(accumulator, guide, view_of(guide, batch, data_plate, model))
         if count == 0:
             raise ValueError("evaluate got no batch")
         mi = accumulator.result(mi_samples)

@@ -28,9 +28,10 @@ Install the extra: ``pip install 'pyro-lag[lightning]'``.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,8 @@ def fit_lightning(
                 strategy=resolve_strategy(strategy, accelerator, devices, num_nodes),
                 max_epochs=epochs - done, callbacks=list(callbacks), **options,
             )
-            trainer.fit(module)
+            with _tensor_sharing_for(trainer.strategy):
+                trainer.fit(module)
             if module.history:  # trained in this process (one device, or a rank of "ddp"): read it here
                 return _result_here(module, run_dir)
         if not last.exists():
@@ -163,6 +165,25 @@ def fit_lightning(
                 "no result came back from the spawned processes: give run_dir on a filesystem every node shares"
             )
         return _result_from_checkpoint(model, guide, train, load_checkpoint(last), run_dir)
+
+
+@contextlib.contextmanager
+def _tensor_sharing_for(strategy: Any) -> Iterator[None]:
+    """Spawned processes receive the module pickled; its tensors (batches that are views of one
+    corpus tensor, say) go through shared memory. The default ``file_descriptor`` sharing passes
+    one descriptor per storage, and a storage pickled twice (two views) passes the same one
+    twice, which the spawn refuses ("bad value(s) in fds_to_keep"): share by file name meanwhile."""
+    if getattr(strategy, "_start_method", None) != "spawn":
+        yield
+        return
+    import torch.multiprocessing
+
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        torch.multiprocessing.set_sharing_strategy(previous)
 
 
 def _check_resumable(old: dict[str, Any], new: dict[str, Any], run_path: Path) -> None:

@@ -8,7 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checkpoint import capture_param_store, capture_rng_state, capture_training_state, save_checkpoint
+from .checkpoint import (
+    capture_param_store,
+    capture_rng_state,
+    capture_training_state,
+    save_checkpoint,
+)
 from .distributed import is_distributed
 
 if TYPE_CHECKING:

@@ -29,7 +29,13 @@ from .checkpoint import (
     restore_training_state,
 )
 from .diagnostics import estimate_mutual_information, eval_mode
-from .distributed import DistributedAggressiveSVI, is_distributed, reduce_mi, seed_rank, sum_over_ranks
+from .distributed import (
+    DistributedAggressiveSVI,
+    is_distributed,
+    reduce_mi,
+    seed_rank,
+    sum_over_ranks,
+)
 from .handlers import FreeBits, KLSchedule, KLWeight, beta
 from .inner_loop import examples_in
 from .lightning_checkpoints import Plateau, _RankZeroCheckpoints

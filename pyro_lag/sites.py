@@ -17,7 +17,7 @@ from pyro.poutine.util import site_is_subsample
 Batch = Any
 """A batch: a tuple of positional args, a bare tensor (one-argument call), or an (args, kwargs) pair."""
 
-PARTICLE_PLATE = "num_particles_vectorized"
+ELBO_PARTICLE_PLATE = "num_particles_vectorized"
 """The plate Pyro's ELBOs wrap around model and guide to vectorize particles: never a data plate."""
 
 
@@ -96,7 +96,7 @@ def observed_plates(model_trace: Trace) -> set[str]:
     names: set[str] = set()
     for site in model_trace.nodes.values():
         if site["type"] == "sample" and site["is_observed"] and not site_is_subsample(site):
-            names.update(f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE)
+            names.update(f.name for f in site["cond_indep_stack"] if f.vectorized and f.name != ELBO_PARTICLE_PLATE)
     return names
 
 
@@ -136,7 +136,7 @@ def find_data_plate(
             continue
         # cond_indep_stack lists the outermost plate first.
         for rank, frame in enumerate(site["cond_indep_stack"]):
-            if not frame.vectorized or frame.name == PARTICLE_PLATE:
+            if not frame.vectorized or frame.name == ELBO_PARTICLE_PLATE:
                 continue
             counts[frame.name] += 1
             outer_rank.setdefault(frame.name, rank)

@@ -12,7 +12,17 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import pyro
 import pyro.optim
@@ -31,8 +41,9 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .diagnostics import eval_mode, evaluate
+from .handlers import FreeBits, KLWeight, cyclical, linear_annealing
+from .handlers import beta as beta_schedule
 from .losses import make_loss
-from .handlers import FreeBits, KLWeight, beta as beta_schedule, cyclical, linear_annealing
 from .sites import is_latent, normalize_batch, raw_log_prob, require_local_latent
 from .svi import AggressiveSVI
 

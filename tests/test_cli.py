@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -696,3 +697,177 @@ def test_default_fit_trains_the_synthetic_experiment(tmp_path):
     assert read_json(out / "run.json")["status"] == "complete"
     assert final["au"] == 1 and final["mi"] > 0.1 and final["kl"] > 0.1
     assert (out / "report.html").is_file()
+
+
+# ------------------------------------------------------------------------------ several processes (PyTorch Lightning)
+
+DDP_TIMEOUT = 240  # seconds for a two-process `pyro-lag fit` (about 15-20 s on two busy cores)
+TWO_CPU_PROCESSES = ("--devices", 2, "--accelerator", "cpu")
+DDP_SETUP = "2 processes (ddp; 2 cpu devices x 1 node)"
+
+
+@pytest.fixture(scope="module")
+def ddp_run(workdir) -> tuple[Path, subprocess.CompletedProcess]:
+    """The tiny run on two CPU processes with `--strategy ddp`, through the installed command: Lightning
+    starts rank 1 by running the same command again (the way `ddp` works outside pytest too)."""
+    pytest.importorskip("lightning.pytorch")
+    out = workdir / "ddp-run"
+    result = run_entry_point("fit", "--config", "tiny.toml", "--out", out, *TWO_CPU_PROCESSES, "--strategy", "ddp",
+                             cwd=workdir, timeout=DDP_TIMEOUT)
+    return out, result
+
+
+@pytest.mark.timeout(DDP_TIMEOUT + 60)
+def test_fit_on_two_processes_with_ddp_writes_one_run_directory(ddp_run, workdir):
+    out, result = ddp_run
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Error" not in result.stderr
+    assert result.stdout.count(f"distributed: {DDP_SETUP}") == 1  # rank 0 alone prints
+    assert result.stdout.count("epoch 1/1  train loss") == 1
+    assert not (workdir / "runs").exists()  # rank 1 made no run directory of its own
+
+    config = read_json(out / "config.json")
+    assert config["distributed"] == {"accelerator": "cpu", "devices": 2, "num_nodes": 1, "strategy": "ddp",
+                                     "world_size": 2}
+    assert read_json(out / "run.json")["status"] == "complete"
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    metrics = read_json(out / "metrics.json")
+    history, final = metrics["history"], metrics["final"]
+    assert [row["epoch"] for row in history] == [1]
+    assert history[0]["ranks"] == 2 and history[0]["aggressive"] is True and history[0]["lr"] == 1.0
+    assert final["evaluated_on"] == "test" and final["iw_samples"] == 3 and final["num_points"] == 16
+    for key in ("iw_nll", "elbo", "kl", "mi", "au"):
+        assert np.isfinite(final[key]), key
+    assert metrics["fit_config"]["world_size"] == 2 and metrics["fit_config"]["optim"] == "sgd"
+    meta = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["meta"]
+    assert meta["world_size"] == 2 and len(meta["ranks"]) == 2
+
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert 'id="distributed-setup"' in html and f"Trained on {DDP_SETUP}" in html
+    assert "data:image/png;base64," in html
+
+
+def test_runs_of_several_processes_read_like_any_run(ddp_run, text_run, tmp_path):
+    out, result = ddp_run
+    assert result.returncode == 0, result.stderr
+    md_path, csv_path = tmp_path / "table.md", tmp_path / "table.csv"
+    assert_ok(invoke("compare", text_run, out, "--markdown", md_path, "--csv", csv_path))
+    lines = md_path.read_text().splitlines()
+    assert "| AU | procs | strategy | time (s) |" in lines[0]
+    assert lines[2].startswith("| text-run |") and "| 1 | – |" in lines[2]
+    assert lines[3].startswith("| ddp-run |") and "| 2 | ddp |" in lines[3]
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text())))
+    assert [(r["world_size"], r["strategy"]) for r in rows] == [("1", ""), ("2", "ddp")]
+
+    (out / "report.html").unlink()
+    assert_ok(invoke("report", out))  # rebuilt in one process from best.pt
+    assert f"Trained on {DDP_SETUP}" in (out / "report.html").read_text(encoding="utf-8")
+    result = invoke("eval", out, "--iw-samples", 2)
+    assert_ok(result)
+    assert np.isfinite(read_json(out / "eval.json")["metrics"]["iw_nll"])
+
+
+def test_one_process_flags_keep_the_one_process_path(workdir, text_run, tmp_path):
+    """`--devices 1`, `--num-nodes 1` and `--accelerator cpu` change nothing: pyro_lag.fit, the same files, bitwise."""
+    out = tmp_path / "one"
+    assert_ok(invoke("fit", "--config", workdir / "tiny.toml", "--out", out, "--devices", 1, "--num-nodes", 1,
+                     "--accelerator", "cpu"))
+    assert read_json(out / "config.json") == read_json(text_run / "config.json")
+    assert "distributed" not in read_json(out / "config.json")
+    a = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(text_run / "checkpoints" / "last.pt", weights_only=True)
+    assert "pos" in a["meta"]  # pyro_lag.fit's checkpoint, not Lightning's
+    for name in b["params"]["params"]:
+        assert torch.equal(a["params"]["params"][name], b["params"]["params"][name]), name
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "trained on 1 process" in html and 'id="distributed-setup"' not in html
+
+
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_forked_processes_resume_exactly(workdir, tmp_path):
+    """`--strategy ddp_fork` (in this process, as pytest runs it): a run resumed after epoch 1 ends bitwise where
+    a straight two-epoch run ends, with the stored setup carried on; a different setup is refused."""
+    pytest.importorskip("lightning.pytorch")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = (*TWO_CPU_PROCESSES, "--strategy", "ddp_fork")
+    assert_ok(invoke("fit", "--config", workdir / "tiny2.toml", "--out", straight, *flags))
+    assert_ok(invoke("fit", "--config", workdir / "tiny.toml", "--out", resumed, *flags))
+    assert_ok(invoke("fit", "--out", resumed, "--resume", "--epochs", 2))
+    assert "PYRO_LAG_DDP_RUN_DIR" not in os.environ
+
+    assert read_json(resumed / "config.json")["distributed"]["strategy"] == "ddp_fork"
+    assert [r["epoch"] for r in read_json(resumed / "metrics.json")["history"]] == [1, 2]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]  # noqa: E731
+    assert drop(read_json(resumed / "metrics.json")["history"]) == drop(read_json(straight / "metrics.json")["history"])
+    a = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)["params"]["params"]
+    b = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["params"]["params"]
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    assert_user_error(invoke("fit", "--out", resumed, "--resume", "--epochs", 3, "--devices", 1), "--resume", "distributed=")
+
+
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_user_factory_trains_on_two_processes(workdir, user_module):
+    pytest.importorskip("lightning.pytorch")
+    out = workdir / "user-two-processes"
+    assert_ok(invoke("fit", f"{user_module}:make_pair", "--config", workdir / "tiny-user.toml", "--out", out,
+                     *TWO_CPU_PROCESSES, "--strategy", "ddp_fork"))
+    assert read_json(out / "run.json")["status"] == "complete"
+    assert read_json(out / "config.json")["distributed"]["world_size"] == 2
+    assert read_json(out / "metrics.json")["history"][0]["ranks"] == 2
+    assert (out / "report.html").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--devices", "0"], "Invalid value for '--devices': 0 is not in the range x>=1"),
+        (["--num-nodes", "0"], "Invalid value for '--num-nodes'"),
+        (["--strategy", "fsdp"], "Invalid value for '--strategy': 'fsdp' is not one of 'ddp', 'ddp_spawn', 'ddp_fork'"),
+        (["--accelerator", "tpu"], "Invalid value for '--accelerator'"),
+        (["--devices", "2", "--device", "cuda:1"], "--device cuda:1 picks one GPU for one process"),
+        (["--accelerator", "cpu", "--device", "cuda"], "--accelerator cpu and --device cuda disagree"),
+    ],
+)
+def test_bad_distributed_flags(workdir, tmp_path, args, message):
+    assert_user_error(invoke("fit", "--config", workdir / "tiny.toml", "--out", tmp_path / "r", *args), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_several_nodes_need_a_shared_run_directory(workdir):
+    pytest.importorskip("lightning.pytorch")
+    assert_user_error(invoke("fit", "--config", workdir / "tiny.toml", "--num-nodes", 2), "--num-nodes 2 needs --out")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_accelerator_without_cuda(workdir, tmp_path):
+    for extra in ((), ("--devices", 2), ("--strategy", "ddp")):
+        result = invoke("fit", "--config", workdir / "tiny.toml", "--out", tmp_path / "r", "--accelerator", "gpu", *extra)
+        assert_user_error(result, "--accelerator gpu: CUDA is not available")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[distributed]\ndevices = 0\n", "devices must be an integer >= 1, got 0"),
+        ("[distributed]\nstrategy = 'fsdp'\n", "strategy must be one of ddp, ddp_spawn, ddp_fork"),
+        ("[distributed]\nnodes = 2\n", "[distributed]: unknown key 'nodes'"),
+        ("[distributed]\ndevices = 2\n[fit]\ncheckpoint_every = 2\n", "checkpoint_every (mid-epoch checkpoints) is not available"),
+    ],
+)
+def test_bad_distributed_config_files(tmp_path, text, message):
+    config = write_config(tmp_path, text)
+    assert_user_error(invoke("fit", "--config", config, "--out", tmp_path / "r"), message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_several_processes_without_lightning_say_what_to_install(workdir, tmp_path, monkeypatch):
+    for name in ("lightning", "lightning.pytorch"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
+    for name in ("pyro_lag.lightning", "pyro_lag.lightning_module", "pyro_lag.lightning_strategy"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    result = invoke("fit", "--config", workdir / "tiny.toml", "--out", tmp_path / "r", "--devices", 2)
+    assert_user_error(result, "train through PyTorch Lightning", "pip install 'pyro-lag[lightning]'")
+    assert not (tmp_path / "r").exists()

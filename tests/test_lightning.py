@@ -8,6 +8,7 @@ decision a rank took from its own numbers alone would differ between the ranks.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import socket
@@ -31,6 +32,7 @@ from pyro_lag.diagnostics import estimate_mutual_information
 from pyro_lag.distributed import DistributedAggressiveSVI, reduce_mi, seed_rank
 from pyro_lag.handlers import linear_annealing
 from pyro_lag.lightning import (
+    AggressiveLightningModule,
     EpochBatches,
     EpochShardSampler,
     LightningSettings,
@@ -38,6 +40,7 @@ from pyro_lag.lightning import (
     fit_lightning,
     resolve_strategy,
 )
+from pyro_lag.lightning_checkpoints import Plateau
 from pyro_lag.mutual_information import MutualInformation
 from pyro_lag.svi import AggressiveSVI
 
@@ -120,6 +123,24 @@ class RankRecorder(pl.Callback):
         )
 
 
+class RankZeroLog:
+    """A fit-style callback: appends what it hears, with the rank that heard it, to a file per process."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def _write(self, kind: str, data: dict) -> None:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        with open(self.out / f"fit_callbacks.rank{rank}.jsonl", "a") as handle:
+            handle.write(json.dumps({"kind": kind, **data}) + "\n")
+
+    def on_batch_end(self, info: dict) -> None:
+        self._write("batch", info)
+
+    def on_epoch_end(self, row: dict) -> None:
+        self._write("epoch", row)
+
+
 class FailOnRank(pl.Callback):
     """Raises on one rank before a given training step, while the other rank goes on to its collectives."""
 
@@ -142,7 +163,7 @@ def _two_rank_fit(out: Path, strategy: str, epochs: int = 3):
     vae = new_vae()
     result = fit_lightning(
         vae.model, vae.guide, train, valid, epochs=epochs, accelerator="cpu", devices=2, strategy=strategy,
-        run_dir=out / "run", callbacks=[RankRecorder(out)], trainer_options=QUIET,
+        run_dir=out / "run", callbacks=[RankRecorder(out)], fit_callbacks=[RankZeroLog(out)], trainer_options=QUIET,
         clip_norm=None, separate_guide_optim=False, kl_weight=functools.partial(linear_annealing, 0.5, 1),
         stop_rule="patience", patience=1, max_aggressive_epochs=2,  # MI rule; epoch 2 at the latest
         **SMALL,
@@ -245,6 +266,25 @@ def test_rank_zero_writes_one_atomic_checkpoint(two_ranks):
     for name, value in state["params"]["params"].items():
         assert torch.equal(value, rank0[name]), name
     assert two_ranks["seconds"] < 60
+
+
+@pytest.mark.timeout(120)
+def test_fit_callbacks_hear_every_step_and_epoch_on_rank_zero_only(two_ranks):
+    out = two_ranks["out"]
+    assert sorted(p.name for p in out.glob("fit_callbacks.*")) == ["fit_callbacks.rank0.jsonl"]
+    heard = [json.loads(line) for line in (out / "fit_callbacks.rank0.jsonl").read_text().splitlines()]
+    batches = [h for h in heard if h["kind"] == "batch"]
+    epochs = [h for h in heard if h["kind"] == "epoch"]
+    assert [(b["epoch"], b["step"], b["steps"]) for b in batches] == [(e, s, 4) for e in (1, 2, 3) for s in (1, 2, 3, 4)]
+    assert [b["inner_steps"] for b in batches] == [s["inner_steps"] for s in two_ranks["ranks"][0]["step_log"]]
+    history = two_ranks["result"].history
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert [e["elbo"] for e in epochs] == [row["elbo"] for row in history] == [-row["val_loss"] for row in history]
+    assert all(row["lr"] == 3e-3 and row["decayed"] is False for row in history)  # lr decay is off by default
+    result = two_ranks["result"]
+    losses = [row["val_loss"] for row in history]
+    assert result.best_epoch == losses.index(min(losses)) + 1 and result.best_val_loss == min(losses)
+    assert result.stopped is None
 
 
 @pytest.mark.timeout(120)
@@ -353,6 +393,66 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     assert [drop(r) for r in resumed.history] == [drop(r) for r in straight.history]
     for name, value in expected.items():
         assert torch.equal(pyro.get_param_store()[name].detach(), value), name
+
+
+@pytest.mark.timeout(120)
+def test_lr_decays_on_a_plateau_from_the_best_parameters_and_stops_after_max_decays(tmp_path, monkeypatch):
+    """The reference's rule, as fit applies it: the validation loss (scripted here) rises for
+    ``decay_patience`` epochs, so lr halves and the best parameters come back; after
+    ``max_decays`` decays training stops, and a rerun does not train further."""
+    scripted = iter([3.0, 4.0, 5.0, 6.0, 7.0])
+    validate = AggressiveLightningModule._validate
+
+    def scripted_validate(self):
+        _, mi = validate(self)
+        return next(scripted), mi
+
+    monkeypatch.setattr(AggressiveLightningModule, "_validate", scripted_validate)
+    snapshots = []
+
+    def snapshot(row):
+        snapshots.append({n: p.detach().clone() for n, p in pyro.get_param_store().named_parameters()})
+
+    train, valid = corpus()
+    vae = new_vae()
+    options = {"accelerator": "cpu", "devices": 1, "trainer_options": QUIET, "run_dir": tmp_path / "run", **SMALL,
+               "lr_decay": 0.5, "decay_patience": 1, "decay_after": 0, "max_decays": 2}
+    result = fit_lightning(vae.model, vae.guide, train, valid, epochs=5, fit_callbacks=[snapshot], **options)
+    assert [row["lr"] for row in result.history] == [3e-3, 3e-3, 1.5e-3]  # the lr each epoch trained with
+    assert [row["decayed"] for row in result.history] == [False, True, True]
+    assert result.stopped == "learning rate decayed 2 times" and result.best_epoch == 1
+    for later in snapshots[1:]:  # each decay put the best (epoch 1) parameters back
+        for name, value in snapshots[0].items():
+            assert torch.equal(later[name], value), name
+    meta = load_checkpoint(tmp_path / "run" / "last.pt")["meta"]
+    assert meta["plateau"] == {"lr": 7.5e-4, "plateau_loss": 5.0, "not_improved": 0, "decays": 2}
+    assert meta["stopped"] == result.stopped
+    again = fit_lightning(vae.model, vae.guide, train, valid, epochs=5, resume=True, **options)
+    assert len(again.history) == 3 and again.stopped == result.stopped  # stopped for good
+
+
+def test_plateau_follows_fits_rule():
+    from types import SimpleNamespace
+
+    from pyro_lag.training import _Run
+
+    losses = [5, 4, 6, 7, 8, 9, 3]
+    settings = LightningSettings(lr=1.0, lr_decay=0.5, decay_patience=2, decay_after=3)
+    plateau = Plateau(1.0)
+    decisions = [plateau.should_decay(settings, epoch, loss) for epoch, loss in enumerate(losses)]
+    # fit's own rule on the same losses (a stand-in for its run: only the plateau bookkeeping)
+    run = SimpleNamespace(settings={"lr_decay": 0.5, "decay_patience": 2, "decay_after": 3}, best_params=None,
+                          pos={"plateau_loss": 1e4, "not_improved": 0, "decays": 0, "lr": 1.0})
+    run.set_lr = lambda lr: run.pos.update(lr=lr)
+    assert decisions == [_Run.decay_on_plateau(run, epoch, loss) for epoch, loss in enumerate(losses)]
+    assert (plateau.lr, plateau.decays, plateau.plateau_loss) == (run.pos["lr"], run.pos["decays"], run.pos["plateau_loss"])
+    # epoch 3 is the second above the plateau (4) and decay_after allows it; the plateau restarts at 7
+    assert decisions == [False, False, False, True, False, True, False]
+    assert plateau.lr == 0.25 and plateau.decays == 2 and plateau.plateau_loss == 3
+    assert not Plateau(1.0).should_decay(LightningSettings(), 0, 1e9)  # lr_decay None: never
+    assert plateau.exhausted(LightningSettings(lr_decay=0.5, max_decays=2))
+    with pytest.raises(ValueError, match="lr_decay"):
+        LightningSettings(lr_decay=1.5)
 
 
 # --------------------------------------------------------------------------- small pieces

@@ -15,7 +15,13 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .batching import BatchSource, DataFileError, as_tuple, check_positive, epoch_permutation
+from .batching import (
+    BatchSource,
+    DataFileError,
+    as_tuple,
+    check_positive,
+    epoch_permutation,
+)
 
 __all__ = ["Vocabulary", "TextCorpus", "TextBatches", "read_sentences", "num_tokens"]
 

@@ -155,6 +155,18 @@ def evaluation_rows(metrics: Mapping[str, Any], kind: str | None) -> list[tuple[
     return rows
 
 
+def training_setup(config: Mapping[str, Any] | None) -> str | None:
+    """How many processes trained the run, from the ``distributed`` entry of its config (None: no config)."""
+    if config is None:
+        return None
+    setup = config.get("distributed")
+    if not isinstance(setup, Mapping):
+        return "1 process"
+    world, devices, nodes = setup.get("world_size"), setup.get("devices"), setup.get("num_nodes", 1)
+    return (f"{world} processes ({setup.get('strategy')}; {devices} {setup.get('accelerator')} "
+            f"device{'s' if devices != 1 else ''} x {nodes} node{'s' if nodes != 1 else ''})")
+
+
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     rows = []
     for key, value in config.items():
@@ -311,6 +323,8 @@ def render_report(
         "kind": kind,
         "verdict": verdict,
         "config_rows": _flatten(config or {}),
+        "setup": training_setup(config),
+        "distributed": isinstance((config or {}).get("distributed"), Mapping),
         "evaluation_rows": evaluation_rows(metrics, kind),
         "history_header": history_header,
         "history_rows": history_rows,
