@@ -1,7 +1,9 @@
 """The paper's results table (He et al. 2019, Tables 1-3) for several run directories.
 
 One row per run: IW-NLL (and perplexity for text), the negative ELBO, KL, MI, active
-units, training time and time relative to the first run, as a rich table, CSV or Markdown.
+units, the processes that trained it, training time and time relative to the first run,
+as a rich table, CSV or Markdown. The processes column shows only when some run used more
+than one (``pyro-lag fit --devices``); the CSV always has it, with the strategy.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ COLUMNS = (
     ("kl", "kl", "KL", 2),
     ("mi", "mi", "MI", 2),
     ("au", "au", "AU", 0),
+    ("world_size", "world_size", "procs", 0),
+    ("strategy", "strategy", "strategy", None),
     ("time", "train_time_s", "time (s)", 1),
     ("relative_time", "relative_time", "rel. time", 2),
 )
@@ -58,6 +62,7 @@ def row_of(path: str | Path) -> dict[str, Any]:
             metrics.update({k: v for k, v in evaluated.items() if v is not None})
     kind = metrics.get("kind") or "text"
     elbo = _number(metrics.get("elbo"))
+    setup = config.get("distributed") if isinstance(config.get("distributed"), dict) else {}
     return {
         "run": run.path.name,
         "model": config.get("model"),
@@ -68,6 +73,8 @@ def row_of(path: str | Path) -> dict[str, Any]:
         "kl": _number(metrics.get("kl")),
         "mi": _number(metrics.get("mi")),
         "au": _number(metrics.get("au")),
+        "world_size": int(setup.get("world_size", 1)),
+        "strategy": setup.get("strategy"),
         "time": _number(saved.get("training_time")),
         "relative_time": None,
     }
@@ -90,8 +97,12 @@ def _cell(value: Any, decimals: Optional[int]) -> str:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[tuple]:
-    """Columns, without PPL when no run has one (image runs)."""
-    return [c for c in COLUMNS if c[0] != "ppl" or any(r["ppl"] is not None for r in rows)]
+    """Columns, without PPL when no run has one (image runs), without processes and strategy
+    when every run trained in one process."""
+    distributed = any(r["world_size"] > 1 or r["strategy"] is not None for r in rows)
+    return [c for c in COLUMNS
+            if (c[0] != "ppl" or any(r["ppl"] is not None for r in rows))
+            and (c[0] not in ("world_size", "strategy") or distributed)]
 
 
 def rich_table(rows: list[dict[str, Any]]) -> Table:

@@ -18,11 +18,13 @@ import inspect
 import logging
 import math
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
 import click
+import lightning.pytorch as pl
 import pyro
 import torch
 from rich.console import Console
@@ -30,7 +32,14 @@ from rich.console import Console
 from pyro_lag.checkpoint import load_checkpoint, restore_param_store
 from pyro_lag.training import FitResult
 
-from .artifacts import MEAN_SPACE_POINTS, HistoryWriter, MeanSpaceRecorder, collect_batches, to_device
+from .artifacts import (
+    MEAN_SPACE_POINTS,
+    HistoryWriter,
+    MeanSpaceRecorder,
+    collect_batches,
+    mean_space_supported,
+    to_device,
+)
 from .pairs import PairHandle
 from .progress import LiveMonitor, TrainingLog, epoch_line, training_progress
 from .rundir import CHECKPOINT_DIR, METRICS_FILE, RunDirectory, read_json
@@ -111,22 +120,43 @@ class EpochLines:
         print(epoch_line(row, self.epochs), flush=True)
 
 
+_LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")
+
+
+def _ignore_lightning_notes() -> None:
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*`srun` command is available.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+
+
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Lightning's start-up notes (GPU available..., Initializing distributed...) and its advice on
     data loader workers say nothing about this run: keep them out of the output."""
-    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=r".*`srun` command is available.*")
+            _ignore_lightning_notes()
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+class QuietRank(pl.Callback):
+    """:func:`quiet_lightning` inside processes that ``ddp_spawn`` starts afresh (they inherit no settings):
+    it takes effect as it is unpickled there, before the process group comes up."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name in _LIGHTNING_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        _ignore_lightning_notes()
 
 
 @contextlib.contextmanager
@@ -152,13 +182,47 @@ def _fit_lightning(config: Mapping[str, Any], handle: PairHandle, kind: str, tra
 
     setup = config["distributed"]
     settings = lightning_settings(config, kind, math.ceil(len(train) / setup["world_size"]))
-    with quiet_lightning():
+    with quiet_lightning(), _failures_as_one_line():
         result = fit_lightning(
             handle.model, handle.guide, train, valid, epochs=config["epochs"], accelerator=setup["accelerator"],
             devices=setup["devices"], strategy=setup["strategy"], num_nodes=setup["num_nodes"], run_dir=run_dir,
-            resume=resume, settings=settings, fit_callbacks=fit_callbacks, trainer_options=QUIET_TRAINER,
+            resume=resume, settings=settings, callbacks=[QuietRank()], fit_callbacks=fit_callbacks,
+            trainer_options=QUIET_TRAINER,
         )
     return result, settings
+
+
+@contextlib.contextmanager
+def _failures_as_one_line() -> Iterator[None]:
+    """Ctrl-C and a failed rank, as one process reports them.
+
+    Lightning answers Ctrl-C with a graceful shutdown and ``sys.exit(1)``, leaving SIGINT ignored:
+    here it is a KeyboardInterrupt again (the run is marked interrupted) and SIGINT is restored.
+    A forked or spawned rank that raised reaches this process as the rank's whole traceback in
+    one exception: here it is its last line, naming the rank.
+    """
+    from torch.multiprocessing.spawn import ProcessException
+
+    try:
+        handler = signal.getsignal(signal.SIGINT)
+    except ValueError:  # pragma: no cover - not the main thread
+        handler = None
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            raise KeyboardInterrupt from None
+        raise
+    except ProcessException as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else type(exc).__name__
+        if last.startswith("KeyboardInterrupt"):
+            raise KeyboardInterrupt from None
+        raise click.ClickException(f"rank {exc.error_index} failed: {last}") from None
+    finally:
+        if handler is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGINT, handler)
 
 
 def train_other_rank(config: Mapping[str, Any], handle: PairHandle, kind: str, train: Any, valid: Any,
@@ -183,12 +247,10 @@ def train(console: Console, run: RunDirectory, config: Mapping[str, Any], handle
     steps = math.ceil(len(train) / setup["world_size"])
     cpu = torch.device("cpu")
     monitor = recorder = None
-    if has_latents and start != "spawn":
+    if has_latents:
         monitor = _FollowingMonitor(handle, to_device(next(iter(valid.iter_from(0, 0))), cpu))
-        from .artifacts import mean_space_supported
-
-        if mean_space_supported(handle):
-            recorder = _FollowingRecorder(run, handle, collect_batches(valid, MEAN_SPACE_POINTS, cpu))
+        if mean_space_supported(handle):  # holds no lock handle: it can be pickled
+            recorder = _FollowingRecorder(RunDirectory(run.path), handle, collect_batches(valid, MEAN_SPACE_POINTS, cpu))
     options = {"first_epoch": len(previous) + 1, "evaluation_label": evaluation_label}
     # a live bar only where rank 0 is this process; a forked or spawned rank 0 prints plain lines
     if start == "popen":
@@ -196,11 +258,9 @@ def train(console: Console, run: RunDirectory, config: Mapping[str, Any], handle
     else:
         display = TrainingLog(console, config["epochs"], steps, monitor, **options)
     history = HistoryWriter(RunDirectory(run.path), previous)  # no lock handle in it: it can be pickled
-    fit_callbacks: list[Any] = [history]
-    if start == "spawn":
-        fit_callbacks.insert(0, EpochLines(config["epochs"]))
-    else:
-        fit_callbacks = [display, history, *([recorder] if recorder is not None else [])]
+    # the display holds the console (and the monitor a live bar's state): a spawned rank 0 prints plain epoch lines
+    shown = EpochLines(config["epochs"]) if start == "spawn" else display
+    fit_callbacks = [shown, history, *([recorder] if recorder is not None else [])]
     with display, _run_dir_for_other_ranks(start, run.path):
         result, settings = _fit_lightning(config, handle, splits.kind, train, valid, run.checkpoints, resume,
                                           fit_callbacks)

@@ -13,6 +13,7 @@ Only global rank 0 writes the run directory. Importing this module is cheap (no 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping, Optional
 
 import click
@@ -23,6 +24,8 @@ STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork")
 START_METHODS = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork"}
 KEYS = ("accelerator", "devices", "strategy", "num_nodes")
 RUN_DIR_ENV = "PYRO_LAG_DDP_RUN_DIR"
+NO_CUDA = "CUDA is not available on this machine (no GPU, or torch built without CUDA)"
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")  # as settings.check_device accepts
 # the [fit] options that pyro_lag.fit has and the Lightning path does not
 UNSUPPORTED_FIT_OPTIONS = {"checkpoint_every": "mid-epoch checkpoints"}
 
@@ -60,28 +63,35 @@ def resolve(flags: Mapping[str, Any], user: Mapping[str, Any], stored: Optional[
     for key, value in table.items():
         _check_value(key, value)
     chosen = {key: _pick(flags.get(key), table.get(key), base.get(key)) for key in KEYS}
-    explicit_device = _pick(flags.get("device"), user.get("device"))
+    explicit = _pick(flags.get("device"), user.get("device"))
+    if not (isinstance(explicit, str) and _DEVICE.match(explicit)):
+        explicit = None  # none given, or not a device at all (the config check says so)
     accelerator = chosen["accelerator"]
     if accelerator == "auto":
         accelerator = "gpu" if _cuda_devices() else "cpu"
     devices, nodes, strategy = chosen["devices"] or 1, chosen["num_nodes"] or 1, chosen["strategy"]
-    one_process = devices == 1 and nodes == 1 and strategy is None
 
-    if accelerator is not None and isinstance(explicit_device, str):
-        on_gpu = explicit_device.startswith("cuda")
-        if on_gpu != (accelerator == "gpu"):
-            raise click.UsageError(f"--accelerator {accelerator} and --device {explicit_device} disagree; give one of them")
-        if not one_process and explicit_device not in ("cpu", "cuda"):
-            raise click.UsageError(f"--device {explicit_device} picks one GPU for one process; with --devices "
-                                   "use --accelerator gpu (CUDA_VISIBLE_DEVICES picks which GPUs)")
-    if accelerator == "gpu" and not _cuda_devices():
-        raise click.UsageError("--accelerator gpu: CUDA is not available on this machine (no GPU, or torch built without CUDA)")
-    if one_process:
-        if accelerator is None or (isinstance(explicit_device, str) and explicit_device.startswith("cuda")):
+    if devices == 1 and nodes == 1 and strategy is None:  # one process: --accelerator only picks its device
+        if accelerator is None:
             return None, device
+        if explicit is not None and explicit.startswith("cuda") != (accelerator == "gpu"):
+            raise click.UsageError(f"--accelerator {accelerator} and --device {explicit} disagree; give one of them")
+        if accelerator == "gpu" and not _cuda_devices():
+            raise click.UsageError(f"--accelerator gpu: {NO_CUDA}")
+        if explicit is not None and explicit.startswith("cuda"):
+            return None, explicit
         return None, "cuda" if accelerator == "gpu" else "cpu"
 
-    accelerator = accelerator or ("gpu" if isinstance(explicit_device, str) and explicit_device.startswith("cuda") else "cpu")
+    if explicit is not None and explicit not in ("cpu", "cuda"):
+        raise click.UsageError(f"--device {explicit} picks one GPU for one process; with --devices use "
+                               "--accelerator gpu (CUDA_VISIBLE_DEVICES picks which GPUs)")
+    asked = f"--accelerator {accelerator}" if accelerator is not None else f"--device {explicit}"
+    if accelerator is None:
+        accelerator = "gpu" if explicit == "cuda" else "cpu"
+    elif explicit is not None and (explicit == "cuda") != (accelerator == "gpu"):
+        raise click.UsageError(f"--accelerator {accelerator} and --device {explicit} disagree; give one of them")
+    if accelerator == "gpu" and not _cuda_devices():
+        raise click.UsageError(f"{asked}: {NO_CUDA}")
     if accelerator == "gpu" and devices > _cuda_devices():
         raise click.UsageError(f"--devices {devices}: only {_cuda_devices()} CUDA device(s) on this machine")
     for key, what in UNSUPPORTED_FIT_OPTIONS.items():
@@ -103,10 +113,8 @@ def require_lightning() -> None:
     try:
         import pyro_lag.lightning  # noqa: F401
     except ImportError as exc:
-        raise click.UsageError(
-            "--devices/--strategy/--num-nodes train through PyTorch Lightning, which is not installed: "
-            f"pip install 'pyro-lag[lightning]' ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})"
-        ) from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise click.UsageError(f"--devices/--strategy/--num-nodes train through PyTorch Lightning: {reason}") from None
 
 
 def describe(setup: Optional[Mapping[str, Any]]) -> str:
