@@ -20,6 +20,7 @@ run: $(STAMP)
 	$(BIN)/pyro-lag fit
 
 test: $(STAMP)
+	$(BIN)/ruff check pyro_lag cli models
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -125,7 +125,14 @@ def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: 
 @click.option("--device", help="cpu or cuda (default: the run's device when available).")
 def report_cmd(run_dir: str, device: Optional[str]) -> None:
     """Rebuild RUN_DIR/report.html from the run's files (verdict, curves, usage, samples)."""
-    from .artifacts import SAMPLE_COUNT, build_report, collect_batches, make_samples, read_diagnostics, write_diagnostics
+    from .artifacts import (
+        SAMPLE_COUNT,
+        build_report,
+        collect_batches,
+        make_samples,
+        read_diagnostics,
+        write_diagnostics,
+    )
     from .datasets import SPLITS
     from .loading import open_run
 

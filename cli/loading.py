@@ -25,8 +25,8 @@ from pyro_lag.training import BEST_CHECKPOINT, LAST_CHECKPOINT
 from .artifacts import eval_source, to_device
 from .datasets import Splits, load_splits
 from .pairs import PairHandle, make_pair
-from .settings import check_device, torch_threads
 from .rundir import CONFIG_FILE, METRICS_FILE, VOCAB_FILE, RunDirectory, read_json
+from .settings import check_device, torch_threads
 
 
 @dataclass

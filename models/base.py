@@ -14,9 +14,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
-import pyro.distributions as dist
 from torch.distributions import Distribution
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-import torch.nn.functional as F
 import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.distributions import Distribution, constraints
 
 from .base import LatentPair, expand_data, flatten_latent, rand

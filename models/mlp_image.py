@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pyro.distributions as dist
 import torch
 from torch import nn
-import pyro.distributions as dist
 from torch.distributions import Distribution
 
 from .base import LatentPair, flatten_latent

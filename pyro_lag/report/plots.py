@@ -56,16 +56,16 @@ def _array(value: Any) -> np.ndarray:
 def aggressive_spans(epochs: Sequence[int], aggressive: Sequence[Any]) -> list[tuple[float, float]]:
     """Contiguous runs of aggressive epochs as ``(start, end)`` x-intervals (epoch +- 0.5)."""
     spans: list[tuple[float, float]] = []
-    start = None
+    start = previous = None
     for epoch, flag in zip(epochs, aggressive):
         on = bool(flag) if flag is not None and not _is_nan(flag) else False
         if on and start is None:
             start = epoch
-        if not on and start is not None:
+        if not on and start is not None and previous is not None:
             spans.append((start - 0.5, previous + 0.5))
             start = None
         previous = epoch
-    if start is not None:
+    if start is not None and previous is not None:
         spans.append((start - 0.5, previous + 0.5))
     return spans
 
