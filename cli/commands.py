@@ -45,9 +45,9 @@ def _evaluate(loaded, batches: Any, iw_samples: int, progress: EvaluationProgres
                         **progress_keyword(evaluate, progress))
     except NoLocalLatentError:
         # A decoder-only run: its ELBO is the exact log-likelihood.
-        from pyro_lag.training import _exact_metrics
+        from pyro_lag.training import exact_metrics
 
-        metrics = _exact_metrics(loaded.handle.model, batches, **progress_keyword(_exact_metrics, progress))
+        metrics = exact_metrics(loaded.handle.model, batches, **progress_keyword(exact_metrics, progress))
         metrics["iw_nll"] = -metrics["elbo"]
         metrics["exact"] = True
         return metrics

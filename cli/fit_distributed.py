@@ -18,6 +18,7 @@ import inspect
 import logging
 import math
 import os
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -46,6 +47,7 @@ from .rundir import CHECKPOINT_DIR, METRICS_FILE, RunDirectory, read_json
 from .scale_out import RUN_DIR_ENV, START_METHODS
 
 QUIET_TRAINER = {"enable_progress_bar": False}
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "ValueError: ..." in a traceback
 
 
 def lightning_settings(config: Mapping[str, Any], kind: str, steps_per_epoch: int):
@@ -53,11 +55,11 @@ def lightning_settings(config: Mapping[str, Any], kind: str, steps_per_epoch: in
     its defaults and per-kind choices (one resolution for both), the method as a KL weight."""
     from pyro_lag.handlers import cyclical, linear_annealing
     from pyro_lag.lightning import LightningSettings
-    from pyro_lag.training import _resolve_settings, fit
+    from pyro_lag.training import fit, resolve_settings
 
     defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
                 if p.default is not inspect.Parameter.empty}
-    r = _resolve_settings({**defaults, **config["fit"], "method": config["method"], "anneal": bool(config["anneal"]),
+    r = resolve_settings({**defaults, **config["fit"], "method": config["method"], "anneal": bool(config["anneal"]),
                            "epochs": config["epochs"], "seed": config["seed"]}, kind, steps_per_epoch)
     method, kl_weight, free_bits = r["method"], None, None
     if method == "anneal" or r["anneal"]:
@@ -215,7 +217,8 @@ def _failures_as_one_line() -> Iterator[None]:
         raise
     except ProcessException as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        last = lines[-1] if lines else type(exc).__name__
+        raised = [line for line in lines if _EXCEPTION_LINE.match(line)]  # Pyro adds trace tables below it
+        last = raised[-1] if raised else (lines[-1] if lines else type(exc).__name__)
         if last.startswith("KeyboardInterrupt"):
             raise KeyboardInterrupt from None
         raise click.ClickException(f"rank {exc.error_index} failed: {last}") from None
@@ -250,7 +253,8 @@ def train(console: Console, run: RunDirectory, config: Mapping[str, Any], handle
     if has_latents:
         monitor = _FollowingMonitor(handle, to_device(next(iter(valid.iter_from(0, 0))), cpu))
         if mean_space_supported(handle):  # holds no lock handle: it can be pickled
-            recorder = _FollowingRecorder(RunDirectory(run.path), handle, collect_batches(valid, MEAN_SPACE_POINTS, cpu))
+            batches = collect_batches(valid, MEAN_SPACE_POINTS, cpu)
+            recorder = _FollowingRecorder(RunDirectory(run.path), handle, batches)
     options = {"first_epoch": len(previous) + 1, "evaluation_label": evaluation_label}
     # a live bar only where rank 0 is this process; a forked or spawned rank 0 prints plain lines
     if start == "popen":

@@ -95,9 +95,14 @@ def run_fit(model: Optional[str], config_file: Optional[str], out: Optional[str]
 def _check_distributed(config: dict[str, Any], out: Optional[str]) -> None:
     """What a multi-process run needs beyond one process: Lightning, and a shared --out across nodes."""
     scale_out.require_lightning()
-    if config["distributed"]["num_nodes"] > 1 and out is None and not scale_out.started_by_lightning():
-        raise click.UsageError(f"--num-nodes {config['distributed']['num_nodes']} needs --out RUN_DIR, "
-                               "a folder every node sees (each node runs the same command)")
+    if out is None and not scale_out.started_by_lightning():
+        nodes = config["distributed"]["num_nodes"]
+        if nodes > 1:
+            raise click.UsageError(f"--num-nodes {nodes} needs --out RUN_DIR, a folder every node sees "
+                                   "(each node runs the same command)")
+        if scale_out.launched_elsewhere():
+            raise click.UsageError("every process of this launch runs the command: give --out RUN_DIR, "
+                                   "a folder they all see")
 
 
 def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: bool,

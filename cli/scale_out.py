@@ -149,6 +149,13 @@ def writes_results() -> bool:
     return True
 
 
+def launched_elsewhere() -> bool:
+    """Whether a launcher outside Lightning started this command once per process (torchrun, ``srun`` with
+    several tasks): then every process needs the same ``--out``."""
+    tasks = os.environ.get("SLURM_NTASKS", "").strip()
+    return "RANK" in os.environ or (tasks.isdigit() and int(tasks) > 1)
+
+
 def shared_run_dir(out: Optional[str]) -> Optional[str]:
     """The run directory of a process that does not write it: the one rank 0 passed on, else ``--out``."""
     return os.environ.get(RUN_DIR_ENV) if started_by_lightning() else out

@@ -18,7 +18,9 @@ importable from here. For users who build their own ``Trainer``:
   guide-only loop and the model step with separate Pyro optimizers for guide and model
   (and clipping). At the end of every epoch each rank estimates MI on its own
   validation shard, the estimates are reduced, and the stop rule sees the same number
-  on every rank. Rank 0 writes ``last.pt`` (and ``best.pt``) atomically.
+  on every rank; so does the reference's learning-rate decay on a plateau, when
+  :class:`LightningSettings` asks for it (``lr_decay``). Rank 0 writes ``last.pt``
+  (and ``best.pt``) atomically.
 - :class:`EpochShardSampler` hands each rank the same number of batches per epoch.
 - :class:`PyroDDPStrategy` is Lightning's DDP strategy without the
   ``DistributedDataParallel`` wrapper: gradients are averaged by the SVI, and Pyro

@@ -212,7 +212,7 @@ def _latent_sites(guide: Callable, args: tuple, kwargs: dict) -> List[str]:
     return [name for name, site in trace.nodes.items() if is_latent(site)]
 
 
-def _exact_metrics(model: Callable, batches: Iterable[Any], progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
+def exact_metrics(model: Callable, batches: Iterable[Any], progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
     """Per-data-point log-likelihood of a model without latents: its ELBO is log p(x) exactly."""
     total, count = 0.0, 0
     batches = list(batches)
@@ -274,7 +274,7 @@ def _check_number(name: str, value: Any, *, minimum: float = 0.0, strict: bool =
 # --------------------------------------------------------------------------- settings
 
 
-def _resolve_settings(options: Dict[str, Any], kind: Optional[str], steps_per_epoch: int) -> Dict[str, Any]:
+def resolve_settings(options: Dict[str, Any], kind: Optional[str], steps_per_epoch: int) -> Dict[str, Any]:
     """Check ``fit``'s options (one-line ValueErrors) and fill in the per-kind reference defaults."""
     o = dict(options)
     method = o["method"]
@@ -575,7 +575,7 @@ class _Run:
     def evaluate(self, batches: Iterable[Any], iw_samples: int = 0, iw_chunk_size: int = 100,
                  progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Any]:
         if self.decoder_only:
-            metrics = _exact_metrics(self.model, batches, progress)
+            metrics = exact_metrics(self.model, batches, progress)
             if iw_samples > 0:
                 metrics["iw_nll"] = -metrics["elbo"]  # no latent: the likelihood is exact
             return metrics
@@ -757,7 +757,7 @@ def fit(
     if kind is None:
         for module in _modules_of(model, guide):
             kind = getattr(module, "kind", None) or kind
-    settings = _resolve_settings(
+    settings = resolve_settings(
         dict(
             method=method, epochs=epochs, optim=optim, lr=lr, clip_norm=clip_norm, anneal=bool(anneal),
             kl_start=kl_start, warm_up=warm_up, beta=beta, cycles=cycles, cycle_ratio=cycle_ratio,

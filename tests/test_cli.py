@@ -871,3 +871,44 @@ def test_several_processes_without_lightning_say_what_to_install(workdir, tmp_pa
     result = invoke("fit", "--config", workdir / "tiny.toml", "--out", tmp_path / "r", "--devices", 2)
     assert_user_error(result, "train through PyTorch Lightning", "pip install 'pyro-lag[lightning]'")
     assert not (tmp_path / "r").exists()
+
+
+FAILING_PAIR = '''
+"""A pair whose model raises once the file named by CLI_TEST_FAIL_WHEN exists (after epoch 1's checkpoint)."""
+import os
+
+import torch
+
+from pyro_lag.models import build
+
+
+def failing_pair(vocab_size):
+    pair = build("synthetic", "small", vocab_size=vocab_size, ni=8, enc_nh=8, dec_nh=8)
+    stop = os.environ.get("CLI_TEST_FAIL_WHEN")
+
+    def model(x):
+        if stop and os.path.exists(stop) and torch.is_grad_enabled():
+            raise ValueError("forced failure in the model")
+        return pair.model(x)
+
+    return model, pair.guide
+'''
+
+
+@pytest.mark.timeout(DDP_TIMEOUT)
+def test_a_rank_that_fails_ends_the_run_with_one_line(workdir, tmp_path, monkeypatch):
+    """A forked rank's error reaches this process as that rank's traceback: the user sees its last line."""
+    pytest.importorskip("lightning.pytorch")
+    (tmp_path / "failing_pair_cli_test.py").write_text(FAILING_PAIR, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "failing"
+    monkeypatch.setenv("CLI_TEST_FAIL_WHEN", str(out / "checkpoints" / "last.pt"))
+    config = write_config(tmp_path, TINY_TEXT.format(epochs=2).replace(
+        "[model_options]\nni = 8\nenc_nh = 8\ndec_nh = 8\n", ""))
+    result = invoke("fit", "failing_pair_cli_test:failing_pair", "--config", config, "--out", out,
+                    *TWO_CPU_PROCESSES, "--strategy", "ddp_fork")
+    line = assert_user_error(result, "failed: ValueError: forced failure in the model")
+    assert line.startswith("Error: rank ")
+    marker = read_json(out / "run.json")
+    assert marker["status"] == "failed" and "forced failure" in marker["error"]
+    assert (out / "checkpoints" / "last.pt").is_file()  # epoch 1 is kept for --resume

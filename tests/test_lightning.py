@@ -163,7 +163,8 @@ def _two_rank_fit(out: Path, strategy: str, epochs: int = 3):
     vae = new_vae()
     result = fit_lightning(
         vae.model, vae.guide, train, valid, epochs=epochs, accelerator="cpu", devices=2, strategy=strategy,
-        run_dir=out / "run", callbacks=[RankRecorder(out)], fit_callbacks=[RankZeroLog(out)], trainer_options=QUIET,
+        run_dir=out / "run", callbacks=[RankRecorder(out)], fit_callbacks=[RankZeroLog(out)],
+        trainer_options=QUIET,
         clip_norm=None, separate_guide_optim=False, kl_weight=functools.partial(linear_annealing, 0.5, 1),
         stop_rule="patience", patience=1, max_aggressive_epochs=2,  # MI rule; epoch 2 at the latest
         **SMALL,
@@ -275,7 +276,8 @@ def test_fit_callbacks_hear_every_step_and_epoch_on_rank_zero_only(two_ranks):
     heard = [json.loads(line) for line in (out / "fit_callbacks.rank0.jsonl").read_text().splitlines()]
     batches = [h for h in heard if h["kind"] == "batch"]
     epochs = [h for h in heard if h["kind"] == "epoch"]
-    assert [(b["epoch"], b["step"], b["steps"]) for b in batches] == [(e, s, 4) for e in (1, 2, 3) for s in (1, 2, 3, 4)]
+    expected = [(epoch, step, 4) for epoch in (1, 2, 3) for step in (1, 2, 3, 4)]
+    assert [(b["epoch"], b["step"], b["steps"]) for b in batches] == expected
     assert [b["inner_steps"] for b in batches] == [s["inner_steps"] for s in two_ranks["ranks"][0]["step_log"]]
     history = two_ranks["result"].history
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
@@ -445,7 +447,7 @@ def test_plateau_follows_fits_rule():
                           pos={"plateau_loss": 1e4, "not_improved": 0, "decays": 0, "lr": 1.0})
     run.set_lr = lambda lr: run.pos.update(lr=lr)
     assert decisions == [_Run.decay_on_plateau(run, epoch, loss) for epoch, loss in enumerate(losses)]
-    assert (plateau.lr, plateau.decays, plateau.plateau_loss) == (run.pos["lr"], run.pos["decays"], run.pos["plateau_loss"])
+    assert (plateau.lr, plateau.decays, plateau.plateau_loss) == tuple(run.pos[k] for k in ("lr", "decays", "plateau_loss"))
     # epoch 3 is the second above the plateau (4) and decay_after allows it; the plateau restarts at 7
     assert decisions == [False, False, False, True, False, True, False]
     assert plateau.lr == 0.25 and plateau.decays == 2 and plateau.plateau_loss == 3
@@ -508,3 +510,19 @@ def test_spawned_processes_train_like_forked_ones(tmp_path):
     assert [drop(r) for r in spawned.history] == [drop(r) for r in forked.history]
     for name in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])
+
+
+@pytest.mark.timeout(180)
+def test_scaling_benchmark_runs_at_tiny_size(shared_data, tmp_path):
+    from benchmarks import bench_scaling
+
+    if not (shared_data / "ptb" / "ptb.train.txt").is_file():
+        pytest.skip("PTB not found")
+    result = bench_scaling.main(["--size", "tiny", "--per-length", "64", "--inner-steps", "1", "--repeats", "1",
+                                 "--data", str(shared_data / "ptb"), "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "scaling.json").read_text())
+    for kind in ("standard", "aggressive"):
+        throughput = saved["kinds"][kind]["throughput"]
+        assert throughput["1"] > 0 and throughput["2"] > 0
+        assert saved["kinds"][kind]["efficiency"] == pytest.approx(throughput["2"] / (2 * throughput["1"]))
+    assert result["table"].startswith("| step | 1 process (sentences/s) | 2 processes (sentences/s) |")
