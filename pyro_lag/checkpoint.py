@@ -349,3 +349,14 @@ def nonfinite_params() -> list:
         if not bool(torch.isfinite(value).all()):
             bad.append(name)
     return bad
+
+
+def plain_data(value: Any) -> Any:
+    """Tensors to Python numbers and lists, recursively: history rows and checkpoint metadata."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.dim() > 0 else value.item()
+    if isinstance(value, dict):
+        return {k: plain_data(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v) for v in value]
+    return value

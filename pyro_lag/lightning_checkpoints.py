@@ -12,6 +12,7 @@ from .checkpoint import (
     capture_param_store,
     capture_rng_state,
     capture_training_state,
+    plain_data,
     save_checkpoint,
 )
 from .distributed import is_distributed
@@ -51,7 +52,7 @@ class _RankZeroCheckpoints:
             "config": module.settings.record(),
             "epoch": module.epochs_done,
             "history": module.history,
-            "svi": _plain(module.svi.state_dict()),
+            "svi": plain_data(module.svi.state_dict()),
             "world_size": len(ranks),
             "ranks": ranks,
             "best_val_loss": module.best_val_loss,
@@ -76,15 +77,6 @@ def _gather(value: Any) -> list[Any]:
     torch.distributed.all_gather_object(gathered, value)
     return gathered
 
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.dim() > 0 else value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 @dataclass

@@ -36,6 +36,7 @@ from .checkpoint import (
     capture_training_state,
     load_checkpoint,
     nonfinite_params,
+    plain_data,
     restore_param_store,
     restore_training_state,
     save_checkpoint,
@@ -233,16 +234,6 @@ def exact_metrics(model: Callable, batches: Iterable[Any], progress: Optional[Ca
     ll = total / count
     return {"elbo": ll, "recon": ll, "kl": 0.0, "mi": None, "au": None, "au_var": None, "num_points": count}
 
-
-def _plain(value: Any) -> Any:
-    """Metrics as plain Python data (tensors to lists), for history rows and checkpoints."""
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.dim() > 0 else value.item()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _call_epoch_callbacks(callbacks: Sequence[Any], row: Dict[str, Any]) -> None:
@@ -479,8 +470,8 @@ class _Run:
             )
         meta = {
             "config": self.config,
-            "pos": _plain(self.pos),
-            "svi": _plain(self.svi.state_dict()),
+            "pos": plain_data(self.pos),
+            "svi": plain_data(self.svi.state_dict()),
             "train_source": self.train_source.state_dict() if hasattr(self.train_source, "state_dict") else None,
         }
         save_checkpoint(self.last_path, capture_training_state(self.optims(), meta))
@@ -579,7 +570,7 @@ class _Run:
             if iw_samples > 0:
                 metrics["iw_nll"] = -metrics["elbo"]  # no latent: the likelihood is exact
             return metrics
-        return _plain(evaluate(self.model, self.guide, batches, iw_samples=iw_samples, iw_chunk_size=iw_chunk_size,
+        return plain_data(evaluate(self.model, self.guide, batches, iw_samples=iw_samples, iw_chunk_size=iw_chunk_size,
                                mi_samples=self.settings["mi_samples"], progress=progress))
 
     def decay_on_plateau(self, epoch: int, val_loss: float) -> bool:
