@@ -67,7 +67,7 @@ def run_once(kind: str, processes: int, args, vocab, train_corpus, valid_batch, 
     pair = common.build_pair(args.size, len(vocab), torch.device("cpu"), seed=args.seed)
     train = TextBatches(train_corpus, args.batch_size, seed=args.seed)
     settings = LightningSettings.for_kind(
-        "text", aggressive=kind == "aggressive", max_inner_steps=args.inner_steps,
+        "text", method="aggressive" if kind == "aggressive" else "standard", max_inner_steps=args.inner_steps,
         check_every=args.inner_steps + 1,  # no window ever completes: always --inner-steps inner steps
         stop_rule="patience", patience=100, mi_samples=1, seed=args.seed,
     )

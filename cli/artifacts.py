@@ -13,6 +13,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from pyro_lag.batches import to_device
 from pyro_lag.sites import normalize_batch
 
 from .datasets import Splits, make_batches, token_count
@@ -42,15 +43,6 @@ def _arviz():
         import arviz
 
     return arviz
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """A batch (tensor or tuple of tensors) moved to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, tuple):
-        return tuple(to_device(b, device) for b in batch)
-    return batch
 
 
 def first_tensor(batch: Any) -> torch.Tensor:
@@ -237,17 +229,21 @@ def make_samples(handle: PairHandle, splits: Splits, batches: Sequence[Any], n: 
 # ------------------------------------------------------------------------------ diagnostics and report
 
 
-def write_diagnostics(run: RunDirectory, handle: PairHandle, batch: Optional[Any], history: Sequence[Mapping[str, Any]],
-                      metrics: Mapping[str, Any]) -> Any:
-    """diagnostics.nc: guide posterior draws on ``batch`` (None: no latent), latent usage, history, metrics."""
-    from pyro_lag.inference_data import to_inference_data
+def diagnostics_of(run: RunDirectory, handle: PairHandle, batch: Optional[Any], history: Sequence[Mapping[str, Any]],
+                   metrics: Mapping[str, Any], result: Any = None) -> Any:
+    """The run's InferenceData: posterior draws on ``batch`` (None: no latent), latent usage, history,
+    final metrics and the posterior-mean-space snapshots; from the fit result when there is one."""
+    from pyro_lag.fit_result import FitResult
 
-    plain_metrics = {k: v for k, v in metrics.items() if v is not None}
-    if batch is not None:
-        idata = to_inference_data(guide=handle.guide, model=handle.model, batch=batch, num_draws=200, max_obs=8,
-                                  history=history, metrics=plain_metrics)
-    else:
-        idata = to_inference_data(history=history, metrics=plain_metrics)
+    if result is None:  # rebuilt from the run directory's files
+        result = FitResult(history=list(history), test=None, best_epoch=None, best_val_loss=float("nan"),
+                           stopped="", decoder_only=batch is None)
+    return result.to_inference_data(handle.guide, batch, model=handle.model, metrics=metrics,
+                                    posterior_mean_space=mean_space_panels(run))
+
+
+def write_diagnostics(run: RunDirectory, idata: Any) -> Any:
+    """diagnostics.nc, replaced atomically."""
     target = run.file(DIAGNOSTICS_FILE)
     tmp = target.with_name(f".{target.name}.tmp")
     idata.to_netcdf(str(tmp))
@@ -262,26 +258,17 @@ def read_diagnostics(run: RunDirectory) -> Any:
     return _arviz().from_netcdf(str(path))
 
 
-def build_report(run: RunDirectory, config: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                 metrics: Mapping[str, Any], idata: Any, samples: Optional[Mapping[str, Any]], kind: str) -> Path:
-    """report.html from the run's results (written beside them)."""
+def build_report(run: RunDirectory, config: Mapping[str, Any], idata: Any, samples: Optional[Mapping[str, Any]],
+                 kind: str) -> Path:
+    """report.html from the run's InferenceData (and the generated samples), written beside it."""
     from pyro_lag.report import write_report  # matplotlib: imported only when a report is made
 
     method = config["method"] + (" + anneal" if config.get("anneal") else "")
-    usage = None
-    if metrics.get("au_var") is not None:
-        usage = {"au_var": np.asarray(metrics["au_var"], dtype=float)}
-        if metrics.get("kl_dim") is not None:
-            usage["kl"] = np.asarray(metrics["kl_dim"], dtype=float)
     return write_report(
         run.file(REPORT_FILE),
         title=f"pyro-lag: {config['model']} ({method})",
         config=config,
-        history=history,
-        metrics=metrics,
-        usage=usage,
         idata=idata,
         samples=samples,
-        posterior_mean_space=mean_space_panels(run),
         kind=kind,
     )

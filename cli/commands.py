@@ -45,7 +45,7 @@ def _evaluate(loaded, batches: Any, iw_samples: int, progress: EvaluationProgres
                         **progress_keyword(evaluate, progress))
     except NoLocalLatentError:
         # A decoder-only run: its ELBO is the exact log-likelihood.
-        from pyro_lag.training import exact_metrics
+        from pyro_lag.no_latent import exact_metrics
 
         metrics = exact_metrics(loaded.handle.model, batches, **progress_keyword(exact_metrics, progress))
         metrics["iw_nll"] = -metrics["elbo"]
@@ -88,7 +88,7 @@ def eval_cmd(run_dir: str, data_path: Optional[str], iw_samples: int, batch_size
 
 
 def _on_device(source: Any, device: Any) -> list[Any]:
-    from .artifacts import to_device
+    from pyro_lag.batches import to_device
 
     return [to_device(batch, device) for batch in source.iter_from(0, 0)]
 
@@ -129,6 +129,7 @@ def report_cmd(run_dir: str, device: Optional[str]) -> None:
         SAMPLE_COUNT,
         build_report,
         collect_batches,
+        diagnostics_of,
         make_samples,
         read_diagnostics,
         write_diagnostics,
@@ -147,9 +148,10 @@ def report_cmd(run_dir: str, device: Optional[str]) -> None:
         idata = read_diagnostics(loaded.run)
         if idata is None:
             has_latents = loaded.handle.latent_dim != 0 and not saved.get("decoder_only")
-            idata = write_diagnostics(loaded.run, loaded.handle, batches[0] if has_latents else None, history, metrics)
+            idata = write_diagnostics(loaded.run, diagnostics_of(
+                loaded.run, loaded.handle, batches[0] if has_latents else None, history, metrics))
         samples = make_samples(loaded.handle, loaded.splits, batches, SAMPLE_COUNT, loaded.config["seed"])
-        path = build_report(loaded.run, loaded.config, history, metrics, idata, samples, loaded.kind)
+        path = build_report(loaded.run, loaded.config, idata, samples, loaded.kind)
         click.echo(str(path))
 
 

@@ -13,8 +13,6 @@ the ranks but no KL or AU (those come in the final evaluation); mid-epoch checkp
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import logging
 import math
 import os
@@ -30,6 +28,7 @@ import pyro
 import torch
 from rich.console import Console
 
+from pyro_lag.batches import to_device
 from pyro_lag.checkpoint import load_checkpoint, restore_param_store
 from pyro_lag.training import FitResult
 
@@ -39,7 +38,6 @@ from .artifacts import (
     MeanSpaceRecorder,
     collect_batches,
     mean_space_supported,
-    to_device,
 )
 from .pairs import PairHandle
 from .progress import LiveMonitor, TrainingLog, epoch_line, training_progress
@@ -50,34 +48,14 @@ QUIET_TRAINER = {"enable_progress_bar": False}
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")  # "ValueError: ..." in a traceback
 
 
-def lightning_settings(config: Mapping[str, Any], kind: str, steps_per_epoch: int):
-    """The :class:`~pyro_lag.lightning.LightningSettings` that ``pyro_lag.fit`` would train with:
-    its defaults and per-kind choices (one resolution for both), the method as a KL weight."""
-    from pyro_lag.handlers import cyclical, linear_annealing
+def lightning_settings(config: Mapping[str, Any], kind: str):
+    """The :class:`~pyro_lag.lightning.LightningSettings` of this run: exactly the settings
+    ``pyro_lag.fit`` would train with (one resolution for both paths)."""
     from pyro_lag.lightning import LightningSettings
-    from pyro_lag.training import fit, resolve_settings
 
-    defaults = {name: p.default for name, p in inspect.signature(fit).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    r = resolve_settings({**defaults, **config["fit"], "method": config["method"], "anneal": bool(config["anneal"]),
-                           "epochs": config["epochs"], "seed": config["seed"]}, kind, steps_per_epoch)
-    method, kl_weight, free_bits = r["method"], None, None
-    if method == "anneal" or r["anneal"]:
-        kl_weight = functools.partial(linear_annealing, r["kl_start"], r["warm_up"])
-    elif method == "beta":
-        kl_weight = float(r["beta"])
-    elif method == "cyclical":
-        kl_weight = functools.partial(cyclical, r["cycles"], r["cycle_ratio"], int(r["epochs"]))
-    elif method == "free-bits":
-        free_bits = float(r["free_bits"])
-    return LightningSettings(
-        optim=r["optim"], lr=r["lr"], loss=r["loss"], clip_norm=r["clip_norm"], clip_scope=r["clip_scope"],
-        stop_rule=r["stop_rule"], patience=r["patience"], mi_noise=r["mi_noise"], mi_samples=r["mi_samples"],
-        max_inner_steps=r["max_inner_steps"], check_every=r["check_every"],
-        max_aggressive_epochs=r["max_aggressive_epochs"], aggressive=method == "aggressive", kl_weight=kl_weight,
-        free_bits=free_bits, seed=int(r["seed"]), lr_decay=r["lr_decay"], decay_patience=int(r["decay_patience"]),
-        decay_after=int(r["decay_after"]), max_decays=int(r["max_decays"]),
-    )
+    from .settings import fit_settings
+
+    return LightningSettings.from_fit(fit_settings(config, kind))
 
 
 def program_device(handle: PairHandle) -> torch.device:
@@ -183,7 +161,7 @@ def _fit_lightning(config: Mapping[str, Any], handle: PairHandle, kind: str, tra
     from pyro_lag.lightning import fit_lightning
 
     setup = config["distributed"]
-    settings = lightning_settings(config, kind, math.ceil(len(train) / setup["world_size"]))
+    settings = lightning_settings(config, kind)
     with quiet_lightning(), _failures_as_one_line():
         result = fit_lightning(
             handle.model, handle.guide, train, valid, epochs=config["epochs"], accelerator=setup["accelerator"],

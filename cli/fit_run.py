@@ -17,6 +17,7 @@ import pyro
 import torch
 from rich.console import Console
 
+from pyro_lag.batches import to_device
 from pyro_lag.training import fit
 
 from . import datasets, scale_out, settings
@@ -27,11 +28,11 @@ from .artifacts import (
     MeanSpaceRecorder,
     build_report,
     collect_batches,
+    diagnostics_of,
     eval_source,
     final_metrics,
     make_samples,
     mean_space_supported,
-    to_device,
     write_diagnostics,
     write_history,
 )
@@ -166,9 +167,10 @@ def _run(console: Console, config: dict[str, Any], out: Optional[str], resume: b
         write_history(run, result.history, metrics, extra)
         eval_batches = collect_batches(eval_source(splits, evaluated_on, config["batch_size"], seed),
                                        SAMPLE_COUNT, device)
-        idata = write_diagnostics(run, handle, eval_batches[0] if has_latents else None, result.history, metrics)
+        idata = write_diagnostics(run, diagnostics_of(run, handle, eval_batches[0] if has_latents else None,
+                                                      result.history, metrics, result))
         samples = make_samples(handle, splits, eval_batches, SAMPLE_COUNT, seed)
-        build_report(run, config, result.history, metrics, idata, samples, kind)
+        build_report(run, config, idata, samples, kind)
         run.update_marker(status="complete", finished=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
     except BaseException as exc:
         if not run.has_checkpoint() and resumed is None:
@@ -207,10 +209,8 @@ def _train(console: Console, run: RunDirectory, config: dict[str, Any], handle, 
     test, test_hook = _watch_final_pass(test, progress)
     with progress:
         result = fit(
-            handle.model, handle.guide, train, valid, test,
-            method=config["method"], anneal=config["anneal"], epochs=config["epochs"], kind=splits.kind,
-            device=device, seed=config["seed"], run_dir=run.checkpoints, resume=resume,
-            callbacks=[progress, *callbacks], **test_hook, **config["fit"],
+            handle.model, handle.guide, train, valid, test, settings.fit_settings(config, splits.kind),
+            device=device, run_dir=run.checkpoints, resume=resume, callbacks=[progress, *callbacks], **test_hook,
         )
     if recorder is not None:
         recorder.final(result.best_epoch)

@@ -18,9 +18,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import click
 import pyro
-from pyro import poutine
 
-from pyro_lag.sites import NoLocalLatentError, is_latent, normalize_batch, require_local_latent
+from pyro_lag.no_latent import latent_sites
+from pyro_lag.sites import NoLocalLatentError
 
 DEFAULT_MODEL = {"text": "lstm-text", "image": "mlp-image"}
 SYNTHETIC_MODEL = "synthetic"
@@ -160,14 +160,9 @@ def check_local_latents(handle: PairHandle, batch: Any) -> bool:
     Refuses (one line) a guide whose latents are all global, as the diagnostics need
     latents inside the data plate. Leaves the param store empty.
     """
-    args, kwargs = normalize_batch(batch)
     try:
-        trace = poutine.trace(poutine.block(handle.guide, hide_types=["param"])).get_trace(*args, **kwargs)
-        if not any(is_latent(site) for site in trace.nodes.values()):
-            return False
-        require_local_latent(trace)
+        return bool(latent_sites(handle.guide, batch))
     except NoLocalLatentError as exc:
         raise click.UsageError(f"MODEL '{handle.spec}': {exc}") from None
     finally:
         pyro.clear_param_store()
-    return True

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import re
 import tomllib
@@ -51,11 +50,10 @@ from typing import Any, Iterator, Mapping, Optional
 import click
 import torch
 
-from pyro_lag.training import fit
+from pyro_lag.settings import FitSettings
 
 from . import scale_out
 from .datasets import data_kind, resolve_data
-from .methods import METHODS
 from .pairs import default_model
 
 TOP_KEYS = ("model", "preset", "method", "anneal", "epochs", "batch_size", "device", "seed", "threads")
@@ -63,14 +61,11 @@ DATA_KEYS = ("path", "train", "valid", "test", "valid_size")
 SYNTHETIC_KEYS = ("train", "valid", "test", "seed")
 TABLES = ("data", "synthetic", "model_options", "fit", "distributed")
 
-# fit() arguments that the command sets itself; everything else may go in [fit].
-_FIT_RESERVED = {
-    "model", "guide", "train", "valid", "test", "method", "epochs", "anneal", "device", "seed",
-    "run_dir", "resume", "callbacks", "kind", "loss", "test_progress",
-}
+# FitSettings fields that the command sets itself (from flags or the data); the rest may go in [fit].
+_FIT_RESERVED = {"method", "epochs", "anneal", "seed", "kind", "loss"}
 
-# Settings that may change when a run is resumed (more epochs, another device).
-RESUMABLE_CHANGES = ("epochs", "device", "threads")
+# Settings that may change when a run is resumed: the library's resumable ones, and where it runs.
+RESUMABLE_CHANGES = (*FitSettings.resumable_names(), "device", "threads")
 
 DEFAULTS: dict[str, Any] = {
     "preset": "small",
@@ -93,8 +88,17 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def fit_option_names() -> list[str]:
-    """The keyword arguments of :func:`pyro_lag.fit` that a ``[fit]`` table may set."""
-    return [name for name in inspect.signature(fit).parameters if name not in _FIT_RESERVED]
+    """The :class:`~pyro_lag.settings.FitSettings` fields that a ``[fit]`` table may set."""
+    return [name for name in FitSettings.names() if name not in _FIT_RESERVED]
+
+
+def fit_settings(config: Mapping[str, Any], kind: str) -> FitSettings:
+    """The run's typed settings, validated (and resolved for ``kind``) by the library itself."""
+    try:
+        return FitSettings(method=config["method"], anneal=bool(config["anneal"]), epochs=config["epochs"],
+                           seed=config["seed"], kind=kind, **config["fit"]).resolved()
+    except (TypeError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _check_keys(where: str, given: Mapping[str, Any], allowed: tuple[str, ...] | list[str]) -> None:
@@ -245,28 +249,10 @@ def _check_config(config: dict[str, Any]) -> None:
     """Refuse settings that cannot work together, before anything is loaded."""
     if not isinstance(config["model"], str) or not config["model"]:
         raise click.UsageError(f"model must be a name or package.module:factory, got {config['model']!r}")
-    if config["method"] not in METHODS:
-        raise click.UsageError(f"method must be one of {', '.join(METHODS)}, got {config['method']!r}")
     _check_int(config, "epochs", 1)
     _check_int(config, "batch_size", 1)
     _check_int(config, "seed", 0)
     if config["threads"] is not None:
         _check_int(config, "threads", 1)
     check_device(config["device"], "--device")
-    if config["anneal"] and config["method"] != "aggressive":
-        raise click.UsageError(
-            f"--anneal combines KL annealing with --method aggressive, not {config['method']} "
-            "(use --method anneal for annealing alone)"
-        )
-    fit_options = config["fit"]
-    if config["method"] == "beta" and fit_options.get("beta") is None:
-        raise click.UsageError("--method beta needs a KL weight: --beta 0.5 (or beta in the [fit] table)")
-    if config["method"] == "free-bits" and fit_options.get("free_bits") is None:
-        raise click.UsageError("--method free-bits needs a floor in nats: --free-bits 0.5 (or free_bits in [fit])")
-    for key in ("beta", "free_bits"):
-        value = fit_options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise click.UsageError(f"{key} must be a non-negative number, got {value!r}")
-    iw = fit_options.get("iw_samples", 0)
-    if isinstance(iw, bool) or not isinstance(iw, int) or iw < 0:
-        raise click.UsageError(f"iw_samples must be a non-negative integer, got {iw!r}")
+    fit_settings(config, data_kind(config["data"]))

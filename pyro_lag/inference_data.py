@@ -26,6 +26,7 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_lag.densities import SiteDensity
 from pyro_lag.diagnostics import ACTIVE_THRESHOLD
+from pyro_lag.mean_space import MEAN_SPACE_GROUP, mean_space_dataset
 from pyro_lag.sites import (
     find_data_plate,
     is_latent,
@@ -299,6 +300,7 @@ def to_inference_data(
     threshold: float = ACTIVE_THRESHOLD,
     model: Callable | None = None,
     data_plate: str | None = None,
+    posterior_mean_space: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> "arviz.InferenceData":
     """Collect posterior draws, latent usage, training history and metrics in one InferenceData.
 
@@ -307,6 +309,8 @@ def to_inference_data(
     observations; ``model`` or ``data_plate`` tell the data plate where the guide alone cannot).
     ``usage`` defaults to the per-dimension entries of ``metrics`` (``au_var``
     and ``kl_dim``, as :func:`pyro_lag.evaluate` returns). Scalar metrics go to ``idata.attrs``.
+    ``posterior_mean_space`` (label -> (model means, guide means)) becomes the group of that
+    name (see :mod:`pyro_lag.mean_space`).
     """
     az = _arviz()
     if posterior_draws is not None and guide is not None:
@@ -332,6 +336,8 @@ def to_inference_data(
         groups[USAGE_GROUP] = usage_dataset(usage, threshold=threshold)
     if history:
         groups[TRAINING_GROUP] = training_dataset(history)
+    if posterior_mean_space:
+        groups[MEAN_SPACE_GROUP] = mean_space_dataset(posterior_mean_space)
     if groups:
         idata.add_groups(groups)
     if metrics is not None:

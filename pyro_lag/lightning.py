@@ -43,12 +43,15 @@ import pyro.util
 import torch
 from pyro import poutine
 
+from .batches import to_device
 from .checkpoint import load_checkpoint, restore_param_store
 from .lightning_checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
-from .lightning_data import EpochBatches, EpochShardSampler, _modules_of, _to_device
+from .lightning_data import EpochBatches, EpochShardSampler
 from .lightning_module import AggressiveLightningModule, pl
 from .lightning_settings import LightningSettings
 from .lightning_strategy import DDP_STRATEGIES, PyroDDPStrategy, resolve_strategy
+from .programs import modules_of
+from .settings import FitSettings
 from .sites import normalize_batch
 
 __all__ = [
@@ -99,7 +102,7 @@ def fit_lightning(
     num_nodes: int = 1,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    settings: LightningSettings | None = None,
+    settings: FitSettings | None = None,
     callbacks: Sequence[pl.Callback] = (),
     fit_callbacks: Sequence[Any] = (),
     trainer_options: dict[str, Any] | None = None,
@@ -115,7 +118,8 @@ def fit_lightning(
     :param run_dir: where rank 0 writes ``last.pt`` each epoch and ``best.pt``; with
         ``resume=True`` training continues from ``last.pt`` (same settings required). Without
         it a temporary directory carries the result back from spawned processes.
-    :param settings: :class:`LightningSettings`, or pass its fields as keyword arguments.
+    :param settings: :class:`LightningSettings` (a plain :class:`~pyro_lag.settings.FitSettings`
+        is taken as ``fit`` resolves it), or pass its fields as keyword arguments.
     :param callbacks: Lightning callbacks (they run on every rank).
     :param fit_callbacks: :func:`pyro_lag.fit`-style callbacks (``on_batch_end(info)``,
         ``on_epoch_end(row)`` or plain callables with each epoch's row), run on global rank 0
@@ -127,9 +131,13 @@ def fit_lightning(
     """
     if settings is not None and setting_overrides:
         raise ValueError("pass either settings or its fields as keyword arguments, not both")
-    settings = settings or LightningSettings(**setting_overrides)
-    if not isinstance(epochs, int) or epochs < 1:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if settings is None:
+        settings = LightningSettings(**setting_overrides)
+    elif not isinstance(settings, LightningSettings):
+        settings = LightningSettings.from_fit(settings)
+    settings = settings.replace(epochs=epochs)
     if resume and run_dir is None:
         raise ValueError("resume=True needs run_dir, the directory holding last.pt")
     with tempfile.TemporaryDirectory(prefix="pyro_lag_lightning_") as scratch:
@@ -140,7 +148,7 @@ def fit_lightning(
             if not resume:
                 raise ValueError(f"{run_path} already holds a training checkpoint; pass resume=True to continue it")
             meta = load_checkpoint(last)["meta"]
-            _check_resumable(meta.get("config", {}), settings.record(), run_path)
+            settings.check_resumable(meta.get("config", {}), run_path)
             done = epochs if meta.get("stopped") else int(meta["epoch"])
         if done < epochs:
             pyro.clear_param_store()
@@ -188,15 +196,6 @@ def _tensor_sharing_for(strategy: Any) -> Iterator[None]:
         torch.multiprocessing.set_sharing_strategy(previous)
 
 
-def _check_resumable(old: dict[str, Any], new: dict[str, Any], run_path: Path) -> None:
-    for key, value in old.items():
-        if new.get(key) != value:
-            raise ValueError(
-                f"run directory {run_path} was trained with {key}={value!r}, not {new.get(key)!r}; "
-                "resume with the same settings or use another run directory"
-            )
-
-
 def _result_here(module: AggressiveLightningModule, run_dir: Any) -> LightningFitResult:
     assert module.svi is not None
     return LightningFitResult(
@@ -220,9 +219,9 @@ def _result_from_checkpoint(
     process's param store (the programs run once first, so module parameters are registered)."""
     store = pyro.get_param_store()
     if any(name not in store for name in state["params"]["params"]):
-        modules = _modules_of(model, guide)
+        modules = modules_of(model, guide)
         device = next((p.device for m in modules for p in m.parameters()), torch.device("cpu"))
-        args, kwargs = normalize_batch(_to_device(EpochBatches(train)[(0, 0)], device))
+        args, kwargs = normalize_batch(to_device(EpochBatches(train)[(0, 0)], device))
         rng = pyro.util.get_rng_state()
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,8 +1,7 @@
-"""What a Lightning run keeps between epochs: rank 0's checkpoints, and the learning-rate plateau."""
+"""What a Lightning run keeps between epochs: rank 0's checkpoints (the lr plateau is :mod:`pyro_lag.plateau`)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +18,12 @@ from .distributed import is_distributed
 
 if TYPE_CHECKING:
     from .lightning_module import AggressiveLightningModule
-    from .lightning_settings import LightningSettings
 
 LAST_CHECKPOINT = "last.pt"
 BEST_CHECKPOINT = "best.pt"
 
 
-class _RankZeroCheckpoints:
+class RankZeroCheckpoints:
     """``last.pt`` and ``best.pt`` in a run directory, written by global rank 0 only, atomically.
 
     Every rank contributes its own random state and data-source state to ``last.pt`` (one
@@ -76,37 +74,3 @@ def _gather(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
-
-
-
-@dataclass
-class Plateau:
-    """Where the reference's learning-rate decay stands (as :func:`pyro_lag.fit` keeps it): the
-    current lr, the plateau's validation loss, epochs above it, and decays so far."""
-
-    lr: float
-    plateau_loss: float = 1e4
-    not_improved: int = 0
-    decays: int = 0
-
-    def should_decay(self, settings: LightningSettings, epoch: int, val_loss: float) -> bool:
-        """Record epoch ``epoch``'s (0-based) validation loss; True when lr decays now (then the
-        plateau restarts at this loss and the lr is already scaled)."""
-        if settings.lr_decay is None:
-            return False
-        if val_loss <= self.plateau_loss:
-            self.not_improved = 0
-            self.plateau_loss = val_loss
-            return False
-        self.not_improved += 1
-        if self.not_improved < settings.decay_patience or epoch < settings.decay_after:
-            return False
-        self.plateau_loss = val_loss
-        self.not_improved = 0
-        self.decays += 1
-        self.lr = self.lr * settings.lr_decay
-        return True
-
-    def exhausted(self, settings: LightningSettings) -> bool:
-        """Whether training should stop: the lr has decayed ``max_decays`` times."""
-        return settings.lr_decay is not None and self.decays >= settings.max_decays

@@ -20,6 +20,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
         "pyro_lag.lightning needs PyTorch Lightning 2.x: pip install 'pyro-lag[lightning]'"
     ) from error
 
+from .batches import SequenceBatches, to_device, validation_batches
+from .callbacks import Callbacks
 from .checkpoint import (
     CheckpointError,
     capture_param_store,
@@ -36,21 +38,14 @@ from .distributed import (
     seed_rank,
     sum_over_ranks,
 )
-from .handlers import FreeBits, KLSchedule, KLWeight, beta
+from .handlers import KLSchedule, KLWeight
 from .inner_loop import examples_in
-from .lightning_checkpoints import Plateau, _RankZeroCheckpoints
-from .lightning_data import (
-    EpochBatches,
-    EpochShardSampler,
-    _eval_batches,
-    _InnerUnits,
-    _modules_of,
-    _per_example,
-    _to_device,
-    _unchanged,
-)
+from .lightning_checkpoints import RankZeroCheckpoints
+from .lightning_data import EpochBatches, EpochShardSampler, _unchanged
 from .lightning_settings import LightningSettings
 from .losses import make_loss
+from .plateau import Plateau
+from .programs import InnerUnits, modules_of, per_example
 from .sites import normalize_batch
 
 __all__ = ["AggressiveLightningModule"]
@@ -95,13 +90,13 @@ class AggressiveLightningModule(pl.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.pyro_model, self.pyro_guide = model, guide
-        self.programs = torch.nn.ModuleList(_modules_of(model, guide))
+        self.programs = torch.nn.ModuleList(modules_of(model, guide))
         self.train_batches = EpochBatches(train)
         if len(self.train_batches) == 0:
             raise ValueError("train has no batch")
         self.valid_source = valid
         self.settings = settings or LightningSettings()
-        self.checkpoints = _RankZeroCheckpoints(run_dir)
+        self.checkpoints = RankZeroCheckpoints(run_dir)
         self.resume_from = None if resume_from is None else Path(resume_from)
         self.history: list[dict[str, Any]] = []
         self.step_log: list[dict[str, Any]] = []
@@ -110,7 +105,7 @@ class AggressiveLightningModule(pl.LightningModule):
         self.best_epoch: int | None = None
         self.plateau = Plateau(float(self.settings.lr))
         self.stopped: str | None = None
-        self.fit_callbacks = list(fit_callbacks)
+        self.fit_callbacks = Callbacks(fit_callbacks)
         self._best_params: dict[str, Any] | None = None  # kept in memory for the lr decay only
         self.svi: DistributedAggressiveSVI | None = None
         self.schedule: KLSchedule | None = None
@@ -140,13 +135,13 @@ class AggressiveLightningModule(pl.LightningModule):
         self._first_epoch = int(state["meta"]["epoch"]) if state is not None else 0
         self._positions = EpochShardSampler(self.train_batches, self.world, self.global_rank).positions()
         self._valid_shard = [
-            _to_device(b, self.device)
-            for i, b in enumerate(_eval_batches(self.valid_source)) if i % self.world == self.global_rank
+            to_device(b, self.device)
+            for i, b in enumerate(validation_batches(self.valid_source)) if i % self.world == self.global_rank
         ]
         pyro.set_rng_seed(s.seed)  # parameters start from the same draws on every rank
         for module in self.programs:
             module.train()
-        first = normalize_batch(_to_device(self.train_batches[(self._first_epoch, self._positions[0])], self.device))
+        first = normalize_batch(to_device(self.train_batches[(self._first_epoch, self._positions[0])], self.device))
         self.svi = self._build_svi(first)
         self.svi.split_params(*first[0], **first[1])  # creates lazy parameters, gives them rank 0's values
         self._reseed_source()
@@ -158,15 +153,15 @@ class AggressiveLightningModule(pl.LightningModule):
     def _build_svi(self, first: tuple[tuple, dict]) -> DistributedAggressiveSVI:
         s = self.settings
         model, guide = self.pyro_model, self.pyro_guide
-        self.schedule = self._kl_schedule(len(self._positions))
+        self.schedule = s.kl_schedule(len(self._positions))
         if self.schedule is not None:
             weight = KLWeight(self.schedule)
             model, guide = weight(model), weight(guide)
-        if s.free_bits is not None:
-            free_bits = FreeBits(float(s.free_bits))
+        free_bits = s.kl_handlers(len(self._positions))[1]
+        if free_bits is not None:
             model, guide = free_bits.model(model), free_bits.guide(guide)
         if s.per_example_loss:
-            model, guide = _per_example(model), _per_example(guide)
+            model, guide = per_example(model), per_example(guide)
         return DistributedAggressiveSVI(
             model, guide, self._make_optim(), make_loss(s.loss, self.pyro_model, self.pyro_guide, first),
             guide_batches=self._guide_batch,
@@ -174,17 +169,9 @@ class AggressiveLightningModule(pl.LightningModule):
             max_inner_steps=s.max_inner_steps, check_every=s.check_every,
             clip_norm=s.clip_norm, clip_scope=s.clip_scope, stop_rule=s.stop_rule,
             patience=s.patience, mi_noise=s.mi_noise, mi_every=None,
-            inner_loss_normalizer=_InnerUnits(self.train_batches.source, s.per_example_loss),
+            inner_loss_normalizer=InnerUnits(self.train_batches.source, s.per_example_loss),
             aggressive=s.aggressive,
         )
-
-    def _kl_schedule(self, steps_per_epoch: int) -> KLSchedule | None:
-        weight = self.settings.kl_weight
-        if weight is None or isinstance(weight, KLSchedule):
-            return weight
-        if isinstance(weight, (int, float)):
-            return beta(float(weight))
-        return weight(steps_per_epoch)
 
     def _make_optim(self) -> Any:
         optim, lr = self.settings.optim, self.plateau.lr
@@ -209,15 +196,15 @@ class AggressiveLightningModule(pl.LightningModule):
     def _guide_batch(self) -> Any:
         """A random training batch for an inner step, from this rank's own random stream."""
         source = self.train_batches.source
-        if hasattr(source, "sample"):
-            return _to_device(source.sample(), self.device)
-        position = self._positions[int(torch.randint(len(self._positions), ()))]
-        return _to_device(self.train_batches[(0, position)], self.device)
+        if isinstance(source, SequenceBatches):  # a plain sequence: a batch of this rank's shard
+            position = self._positions[int(torch.randint(len(self._positions), ()))]
+            return to_device(self.train_batches[(0, position)], self.device)
+        return to_device(source.sample(), self.device)
 
     def _reseed_source(self) -> None:
         """Give rank r > 0 its own stream for a batch source's ``sample()`` (rank 0 keeps the source's)."""
         source = self.train_batches.source
-        if self.global_rank == 0 or not (hasattr(source, "sample") and hasattr(source, "load_state_dict")):
+        if self.global_rank == 0 or isinstance(source, SequenceBatches):  # the latter draws from torch's RNG
             return
         from .data.batching import SAMPLE, torch_generator
 
@@ -226,8 +213,7 @@ class AggressiveLightningModule(pl.LightningModule):
         source.load_state_dict(state)
 
     def source_state(self) -> Any:
-        source = self.train_batches.source
-        return source.state_dict() if hasattr(source, "state_dict") else None
+        return self.train_batches.source.state_dict()
 
     # ------------------------------------------------------------------ resume
 
@@ -262,7 +248,7 @@ class AggressiveLightningModule(pl.LightningModule):
         if len(ranks) == self.world:  # the same number of ranks: continue every rank's streams exactly
             restore_rng_state(ranks[self.global_rank]["rng"])
             source = self.train_batches.source
-            if ranks[self.global_rank].get("train_source") is not None and hasattr(source, "load_state_dict"):
+            if ranks[self.global_rank].get("train_source") is not None:
                 source.load_state_dict(ranks[self.global_rank]["train_source"])
         else:  # another number of ranks: fresh streams, still one per rank and epoch
             seed_rank(self.settings.seed + 1000 * self.epochs_done)
@@ -293,9 +279,7 @@ class AggressiveLightningModule(pl.LightningModule):
         if self.fit_callbacks and self.global_rank == 0:
             info = {**self.step_log[-1], "steps": len(self._positions),
                     "kl_weight": self.schedule.value if self.schedule is not None else 1.0}
-            for callback in self.fit_callbacks:
-                if hasattr(callback, "on_batch_end"):
-                    callback.on_batch_end(dict(info))
+            self.fit_callbacks.batch_end(info)
         acc = self._epoch_acc
         acc["loss"] += loss
         acc["steps"] += 1
@@ -345,11 +329,7 @@ class AggressiveLightningModule(pl.LightningModule):
             self.trainer.should_stop = True
         self.checkpoints.write_last(self)
         if self.global_rank == 0:
-            for callback in self.fit_callbacks:
-                if hasattr(callback, "on_epoch_end"):
-                    callback.on_epoch_end(dict(row))
-                elif callable(callback) and not hasattr(callback, "on_batch_end"):
-                    callback(dict(row))
+            self.fit_callbacks.epoch_end(row)
 
     def _decay_on_plateau(self, epoch: int, val_loss: float) -> bool:
         """The reference's decay: on a plateau, every rank reloads the best parameters and gets new

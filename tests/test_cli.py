@@ -609,9 +609,9 @@ def test_cuda_without_a_gpu(workdir, tmp_path):
     [
         (["--data", "d", "--train", "t.txt"], "--data cannot be combined with --train"),
         (["--valid", "v.txt"], "--valid and --test need --train"),
-        (["--anneal", "--method", "standard"], "--anneal combines KL annealing with --method aggressive"),
-        (["--method", "beta"], "--method beta needs a KL weight"),
-        (["--method", "free-bits"], "--method free-bits needs a floor"),
+        (["--anneal", "--method", "standard"], "anneal=True combines KL annealing with method aggressive"),
+        (["--method", "beta"], "method 'beta' needs the KL weight beta"),
+        (["--method", "free-bits"], "method 'free-bits' needs free_bits"),
         (["--epochs", "0"], "epochs must be an integer >= 1"),
         (["--method", "sideways"], "Invalid value for '--method'"),
         (["--device", "tpu"], "device must be cpu or cuda"),
@@ -777,7 +777,7 @@ def test_one_process_flags_keep_the_one_process_path(workdir, text_run, tmp_path
     assert "distributed" not in read_json(out / "config.json")
     a = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(text_run / "checkpoints" / "last.pt", weights_only=True)
-    assert "pos" in a["meta"]  # pyro_lag.fit's checkpoint, not Lightning's
+    assert "state" in a["meta"]  # pyro_lag.fit's checkpoint, not Lightning's
     for name in b["params"]["params"]:
         assert torch.equal(a["params"]["params"][name], b["params"]["params"][name]), name
     html = (out / "report.html").read_text(encoding="utf-8")

@@ -40,7 +40,8 @@ from pyro_lag.lightning import (
     fit_lightning,
     resolve_strategy,
 )
-from pyro_lag.lightning_checkpoints import Plateau
+from pyro_lag.plateau import Plateau
+from pyro_lag.settings import FitSettings
 from pyro_lag.mutual_information import MutualInformation
 from pyro_lag.svi import AggressiveSVI
 
@@ -434,20 +435,19 @@ def test_lr_decays_on_a_plateau_from_the_best_parameters_and_stops_after_max_dec
 
 
 def test_plateau_follows_fits_rule():
-    from types import SimpleNamespace
+    import pyro_lag.lightning_module
+    import pyro_lag.training_state
 
-    from pyro_lag.training import _Run
-
+    # one rule for both paths: fit's state and the Lightning module hold the same class
+    assert pyro_lag.training_state.Plateau is Plateau and pyro_lag.lightning_module.Plateau is Plateau
     losses = [5, 4, 6, 7, 8, 9, 3]
     settings = LightningSettings(lr=1.0, lr_decay=0.5, decay_patience=2, decay_after=3)
     plateau = Plateau(1.0)
     decisions = [plateau.should_decay(settings, epoch, loss) for epoch, loss in enumerate(losses)]
-    # fit's own rule on the same losses (a stand-in for its run: only the plateau bookkeeping)
-    run = SimpleNamespace(settings={"lr_decay": 0.5, "decay_patience": 2, "decay_after": 3}, best_params=None,
-                          pos={"plateau_loss": 1e4, "not_improved": 0, "decays": 0, "lr": 1.0})
-    run.set_lr = lambda lr: run.pos.update(lr=lr)
-    assert decisions == [_Run.decay_on_plateau(run, epoch, loss) for epoch, loss in enumerate(losses)]
-    assert (plateau.lr, plateau.decays, plateau.plateau_loss) == tuple(run.pos[k] for k in ("lr", "decays", "plateau_loss"))
+    # fit's settings with the same rule decide the same
+    fit_rule = FitSettings(lr=1.0, lr_decay=0.5, decay_patience=2, decay_after=3)
+    again = Plateau(1.0)
+    assert decisions == [again.should_decay(fit_rule, epoch, loss) for epoch, loss in enumerate(losses)]
     # epoch 3 is the second above the plateau (4) and decay_after allows it; the plateau restarts at 7
     assert decisions == [False, False, False, True, False, True, False]
     assert plateau.lr == 0.25 and plateau.decays == 2 and plateau.plateau_loss == 3
@@ -455,6 +455,14 @@ def test_plateau_follows_fits_rule():
     assert plateau.exhausted(LightningSettings(lr_decay=0.5, max_decays=2))
     with pytest.raises(ValueError, match="lr_decay"):
         LightningSettings(lr_decay=1.5)
+
+
+def test_lightning_settings_from_fit_are_fits_resolved_settings():
+    fit_settings = FitSettings(method="beta", beta=0.5, epochs=4).resolved("text")
+    settings = LightningSettings.from_fit(fit_settings)
+    assert (settings.optim, settings.lr, settings.stop_rule, settings.lr_decay) == ("sgd", 1.0, "drop", 0.5)
+    assert settings.kl_schedule(10).value == 0.5  # the method's KL weight, as fit builds it
+    assert LightningSettings.for_kind("text").aggressive and not LightningSettings(method="standard").aggressive
 
 
 # --------------------------------------------------------------------------- small pieces

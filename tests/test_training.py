@@ -175,7 +175,7 @@ def _stop_at(epoch: int, step: int):
 
 def _final_state(run_dir):
     state = load_checkpoint(run_dir / "last.pt")
-    return state["params"]["params"], state["meta"]["pos"]["history"]
+    return state["params"]["params"], state["meta"]["state"]["history"]
 
 
 RESUME_SETTINGS = {
@@ -263,7 +263,7 @@ def test_lr_decay_reloads_the_best_parameters(tmp_path, monkeypatch):
         for name, value in snapshots[2].items():
             assert torch.equal(snapshots[decay_epoch][name], value), (decay_epoch, name)
     assert not torch.equal(snapshots[3]["decoder$$$linear.weight"], snapshots[2]["decoder$$$linear.weight"])
-    assert load_checkpoint(tmp_path / "last.pt")["meta"]["pos"]["lr"] == 0.0025  # the next epoch's rate
+    assert load_checkpoint(tmp_path / "last.pt")["meta"]["state"]["plateau"]["lr"] == 0.0025  # the next epoch's rate
     # the fresh SGD optimizers built at the decay step with the halved rate
     monkeypatch.setattr(training, "evaluate", _scripted_evaluate(losses))
     fit(*_pair(build()), TRAIN, VALID, method="standard", kind="text", lr=0.01, epochs=5,
@@ -323,7 +323,7 @@ def test_infinite_loss_stops_with_epoch_step_and_site_and_keeps_the_checkpoint(t
     )
     assert message.endswith(f"last good checkpoint kept at {tmp_path / 'last.pt'}")
     state = load_checkpoint(tmp_path / "last.pt")
-    assert state["meta"]["pos"]["epoch"] == 1  # written after epoch 1, never after the fault
+    assert state["meta"]["state"]["epoch"] == 1  # written after epoch 1, never after the fault
     assert all(torch.isfinite(v).all() for v in state["params"]["params"].values())
 
 
@@ -406,7 +406,7 @@ def test_final_test_pass_uses_the_best_parameters_and_iw_samples():
         ({"method": "beta"}, "method 'beta' needs the KL weight beta"),
         ({"method": "free-bits"}, "needs free_bits"),
         ({"epochs": 0}, "epochs must be an integer >= 1"),
-        ({"method": "beta", "beta": 0.5, "anneal": True}, "anneal=True combines with"),
+        ({"method": "beta", "beta": 0.5, "anneal": True}, "anneal=True combines KL annealing with method aggressive"),
         ({"resume": True}, "resume=True needs run_dir"),
         ({"optim": "rmsprop"}, "optim must be"),
         ({"lr_decay": 2.0}, "lr_decay must lie in"),
@@ -614,7 +614,7 @@ def test_kill_9_at_several_points_then_resume_is_bitwise_exact(tmp_path):
 
     cut = tmp_path / "cut"
     _run_child(script, cut, "mid-epoch", kill=True)
-    assert load_checkpoint(cut / "last.pt")["meta"]["pos"]["step"] == 2
+    assert load_checkpoint(cut / "last.pt")["meta"]["state"]["step"] == 2
     _run_child(script, cut, "mid-inner-loop", kill=True)
     before_write = (cut / "last.pt").read_bytes()
     _run_child(script, cut, "mid-write", kill=True)

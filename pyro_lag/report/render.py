@@ -24,6 +24,7 @@ from pyro_lag.inference_data import (
     history_from_inference_data,
     usage_from_inference_data,
 )
+from pyro_lag.mean_space import mean_space_from_inference_data
 from pyro_lag.report import plots
 
 if TYPE_CHECKING:
@@ -280,8 +281,10 @@ def render_report(
     - ``metrics``: final evaluation (iw_nll, elbo, recon, kl, mi, mi_se, mi_pairs, au, iw_samples;
       for text perplexity or num_tokens with num_points);
     - ``usage``: per-dimension ``au_var``, optional ``kl`` and ``active``;
-    - ``idata``: from :func:`pyro_lag.to_inference_data`; its posterior draws give the ArviZ
-      forest plot, and its groups stand in for history, usage and metrics when not given;
+    - ``idata``: from :func:`pyro_lag.to_inference_data` (or ``FitResult.to_inference_data``):
+      enough on its own. Its posterior draws give the ArviZ forest plot, and its groups
+      (training, latent usage, posterior mean space, attrs) stand in for the arguments below
+      when they are not given;
     - ``samples``: text ``{"prior": [sentence, ...], "reconstructions": [(input, output), ...]}``
       (sentences as strings or token lists) or images ``{"prior": [N, H, W],
       "reconstructions": (inputs, outputs)}``;
@@ -295,6 +298,8 @@ def render_report(
             usage = usage_from_inference_data(idata)
         if metrics is None:
             metrics = dict(idata.attrs)
+        if posterior_mean_space is None:
+            posterior_mean_space = mean_space_from_inference_data(idata)
     history = list(history or [])
     metrics = dict(metrics or {})
     if usage is None and metrics.get("au_var") is not None:

@@ -1,0 +1,54 @@
+"""What every trainer does to the user's programs: find their torch modules, and average the loss.
+
+The paper averages its loss over the batch; Pyro's ELBO sums over the data plate. With SGD
+at lr 1.0 a summed loss would take steps batch-size times too long, so ``fit`` and the
+Lightning module both run the programs under :func:`per_example`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pyro import poutine
+
+from .inner_loop import examples_in
+
+__all__ = ["modules_of", "per_example", "InnerUnits"]
+
+
+def modules_of(*fns: Callable) -> list[torch.nn.Module]:
+    """The torch modules behind callables (modules themselves or their bound methods), each once."""
+    found: list[torch.nn.Module] = []
+    for fn in fns:
+        owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, torch.nn.Module) and all(owner is not m for m in found):
+            found.append(owner)
+    return found
+
+
+def per_example(fn: Callable) -> Callable:
+    """``fn`` with its log-densities scaled by 1/batch size, so its loss is a per-example mean."""
+
+    def scaled(*args: Any, **kwargs: Any) -> Any:
+        with poutine.scale(scale=1.0 / examples_in(args, kwargs)):
+            return fn(*args, **kwargs)
+
+    return scaled
+
+
+class InnerUnits:
+    """A batch's ``(weight, units)`` for the inner loop's windows.
+
+    A window compares its summed loss over its summed units (tokens for a text source,
+    examples otherwise), as the reference does; a per-example loss is weighted back up by
+    the batch size. A picklable class, not a closure: Lightning may spawn processes.
+    """
+
+    def __init__(self, source: Any, per_example_loss: bool = True) -> None:
+        self.source = source
+        self.per_example_loss = per_example_loss
+
+    def __call__(self, args: tuple, kwargs: dict) -> tuple[float, float]:
+        points = examples_in(args, kwargs)
+        return (points if self.per_example_loss else 1.0), float(self.source.normalizer(args))
