@@ -8,242 +8,39 @@ restored around it, so training is unchanged). A bar draws nothing useful into a
 or CI, so there plain lines are printed instead: one every few percent of the batches or
 every minute, whichever comes first, with the time elapsed and an estimate of the time left.
 Long evaluation passes (fit's final test pass, ``pyro-lag eval``) are shown the same way by
-:class:`EvaluationProgress`.
+:class:`EvaluationProgress` (in ``evaluation_progress``; the plain pieces are in ``progress_lines``).
 
 torch is imported only when the live monitor runs, so importing this module is cheap.
 """
 from __future__ import annotations
 
-import inspect
-import math
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional
 
-import click
 from rich.console import Console
 from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
     Progress,
     TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 
-LINE_EVERY_PERCENT = 5  # a plain progress line every 5 % of the batches...
-LINE_EVERY_SECONDS = 60.0  # ...or every minute, whichever comes first
+from .evaluation_progress import AnnouncedSource, EvaluationProgress, accepts_keyword, progress_keyword
+from .progress_lines import (
+    LINE_EVERY_PERCENT,
+    LINE_EVERY_SECONDS,
+    Clock,
+    LogLines,
+    epoch_line,
+    format_duration,
+    new_bar,
+    number_text,
+    say,
+)
 
-Clock = Callable[[], float]
-
-
-# ------------------------------------------------------------------------------ text
-
-
-def _num(value: Any, fmt: str = ".3f") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return format(value, fmt)
-
-
-def format_duration(seconds: float) -> str:
-    """``42s``, ``3m07s`` or ``1h02m``: short enough for a progress line."""
-    seconds = max(0, round(seconds))
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
-
-
-def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
-    """One line per epoch: losses, KL, MI, AU, whether aggressive, inner steps, lr, time."""
-    parts = [
-        f"epoch {row['epoch']}/{epochs}",
-        f"train loss {_num(row.get('train_loss'))}",
-        f"val ELBO {_num(row.get('elbo'))}",
-        f"KL {_num(row.get('kl'))}",
-        f"MI {_num(row.get('mi'))}" + (f" ± {_num(row.get('mi_se'))}" if row.get("mi_se") is not None else ""),
-        f"AU {row.get('au') if row.get('au') is not None else '–'}",
-    ]
-    if row.get("aggressive"):
-        parts.append(f"aggressive, {_num(row.get('inner_steps'), '.1f')} inner steps/step")
-    if row.get("decayed"):
-        parts.append("lr decayed")
-    parts.append(f"{_num(row.get('wall_time'), '.1f')} s")
-    return "  ".join(parts)
-
-
-def say(console: Console, line: str) -> None:
-    """Print one plain line: above a live bar on a terminal, flushed at once into a log."""
-    if console.is_terminal:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
-    else:
-        click.echo(line, file=console.file)  # click flushes, so `tail -f` sees the line now
-
-
-def new_bar(console: Console) -> Progress:
-    """The transient rich bar: description, bar, k/N, status, elapsed and remaining time."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    )
-
-
-# ------------------------------------------------------------------------------ plain lines
-
-
-class LogLines:
-    """Plain progress lines for a log: when the next one is due, and the line with an estimate."""
-
-    def __init__(
-        self,
-        write: Callable[[str], None],
-        *,
-        every_percent: int = LINE_EVERY_PERCENT,
-        every_seconds: float = LINE_EVERY_SECONDS,
-        clock: Clock = time.monotonic,
-    ) -> None:
-        self.write = write
-        self.every_percent = every_percent
-        self.every_seconds = every_seconds
-        self.clock = clock
-        self.start(total=0)
-
-    def start(self, total: int, done: int = 0, started: Optional[float] = None) -> None:
-        """Count ``total`` batches from now (or ``started``), ``done`` of them done before (a resumed epoch)."""
-        self.total = total
-        self.first = self.last_done = done
-        self.started = self.clock() if started is None else started
-        self.last_time = self.started
-
-    def _mark(self, done: int) -> int:
-        """How many few-percent marks ``done`` batches have passed."""
-        return done * 100 // (self.every_percent * max(self.total, 1))
-
-    def due(self, done: int) -> bool:
-        """Whether batch ``done`` passes the next few-percent mark, or a minute went by since the last line."""
-        return self._mark(done) > self._mark(self.last_done) or self.clock() - self.last_time >= self.every_seconds
-
-    def line(self, done: int, head: str, details: Sequence[str] = ()) -> str:
-        """``head  batch k/N  p%  details  elapsed …  left ~…``; the next line is due from here on."""
-        now = self.clock()
-        elapsed = now - self.started
-        parts = [head, f"batch {done}/{self.total}", f"{100 * done // max(self.total, 1)}%", *details,
-                 f"elapsed {format_duration(elapsed)}"]
-        if self.first < done < self.total:
-            parts.append(f"left ~{format_duration(elapsed / (done - self.first) * (self.total - done))}")
-        self.last_time, self.last_done = now, done
-        return "  ".join(parts)
-
-    def emit(self, done: int, head: str, details: Sequence[str] = ()) -> None:
-        """Write the line for batch ``done``."""
-        self.write(self.line(done, head, details))
-
-
-# ------------------------------------------------------------------------------ evaluation
-
-
-class EvaluationProgress:
-    """One long evaluation pass (fit's final test pass, ``pyro-lag eval``): a bar or plain lines.
-
-    Call :meth:`start` when the pass begins; the instance itself is the library's per-batch
-    hook, called with ``(done, total)``. Used as a context manager it prints how long the
-    pass took when it ends without an error. Without per-batch calls (a library that has no
-    such hook) the bar pulses and a log gets the start and end lines only.
-    """
-
-    def __init__(self, console: Console, label: str, progress: Optional[Progress] = None,
-                 clock: Clock = time.monotonic) -> None:
-        self.console, self.label, self.clock = console, label, clock
-        self.progress = progress  # a live bar to add a row to (fit's training bar), else our own
-        self._own_bar = progress is None
-        self.lines = LogLines(lambda line: say(console, line), clock=clock)
-        self.task: Optional[TaskID] = None
-        self.started: Optional[float] = None
-
-    def start(self, batches: Optional[int] = None) -> None:
-        """The pass begins (over ``batches`` batches, when known); a second call does nothing."""
-        if self.started is not None:
-            return
-        self.started = self.clock()
-        if self.console.is_terminal:
-            if self.progress is None:
-                self.progress = new_bar(self.console)
-                self.progress.start()
-            self.task = self.progress.add_task(self.label, total=None, status="")  # pulses until a batch is done
-        else:
-            self.lines.start(batches or 0, started=self.started)
-            count = f": {batches} batch{'es' if batches != 1 else ''}" if batches else ""
-            say(self.console, f"{self.label}{count}…")
-
-    def __call__(self, done: int, total: int) -> None:
-        """The per-batch hook: ``done`` of ``total`` batches are evaluated."""
-        self.start(total)
-        if self.console.is_terminal:
-            self.progress.update(self.task, total=total, completed=done)
-        else:
-            self.lines.total = total
-            if self.lines.due(done):
-                self.lines.emit(done, self.label)
-
-    def finish(self, succeeded: bool = True) -> None:
-        """Take the bar away; when the pass succeeded, say how long it took."""
-        if self.started is None:
-            return
-        if self.task is not None:
-            self.progress.remove_task(self.task)
-            if self._own_bar:
-                self.progress.stop()
-                self.progress = None
-        if succeeded:
-            say(self.console, f"{self.label}: done in {format_duration(self.clock() - self.started)}")
-        self.started, self.task = None, None
-
-    def __enter__(self) -> "EvaluationProgress":
-        return self
-
-    def __exit__(self, exc_type: Any, *exc: Any) -> None:
-        self.finish(succeeded=exc_type is None)
-
-
-def accepts_keyword(function: Callable, name: str) -> bool:
-    """Whether ``function`` takes the keyword argument ``name``: a progress hook is passed only where it exists."""
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def progress_keyword(function: Callable, hook: Callable[[int, int], None], name: str = "progress") -> dict[str, Any]:
-    """``{name: hook}`` when ``function`` accepts it, else no keyword: pass on with ``**``."""
-    return {name: hook} if accepts_keyword(function, name) else {}
-
-
-class AnnouncedSource:
-    """A batch source that calls ``on_start(number of batches)`` each time it is read.
-
-    fit reads its ``test`` batches only for the final test pass, so wrapping them shows when
-    that pass begins, even where the library has no per-batch progress hook.
-    """
-
-    def __init__(self, source: Any, on_start: Callable[[int], None]) -> None:
-        self.source, self.on_start = source, on_start
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def iter_from(self, epoch: int, step: int) -> Iterable[Any]:
-        self.on_start(len(self.source))
-        return self.source.iter_from(epoch, step)
+__all__ = [
+    "AnnouncedSource", "EvaluationProgress", "LINE_EVERY_PERCENT", "LINE_EVERY_SECONDS", "LiveMonitor", "LogLines",
+    "TrainingBar", "TrainingDisplay", "TrainingLog", "accepts_keyword", "epoch_line", "format_duration",
+    "progress_keyword", "training_progress",
+]
 
 
 # ------------------------------------------------------------------------------ training
@@ -299,7 +96,7 @@ class TrainingDisplay:
         """KL and MI last measured by the monitor (nothing without one: a decoder-only model)."""
         if self.monitor is None:
             return []
-        return [f"KL {_num(self.live['kl'])}", f"MI {_num(self.live['mi'])}"]
+        return [f"KL {number_text(self.live['kl'])}", f"MI {number_text(self.live['mi'])}"]
 
     def on_epoch_end(self, row: Mapping[str, Any]) -> None:
         say(self.console, epoch_line(row, self.epochs))
@@ -345,7 +142,7 @@ class TrainingBar(TrainingDisplay):
         self.progress.stop()
 
     def _status(self, info: Mapping[str, Any]) -> str:
-        parts = [f"loss {_num(info.get('loss'), '.1f')}"]
+        parts = [f"loss {number_text(info.get('loss'), '.1f')}"]
         if info.get("aggressive"):
             parts.append(f"inner {info.get('inner_steps', 0)}")
         return "  ".join(parts + self._live_text())
@@ -406,7 +203,7 @@ class TrainingLog(TrainingDisplay):
             return
         if self.monitor is not None:
             self.live.update(self.monitor())
-        details = [f"loss {_num(info.get('loss'), '.1f')}"]
+        details = [f"loss {number_text(info.get('loss'), '.1f')}"]
         if info.get("aggressive") and self._inner:
             details.append(f"aggressive, {sum(self._inner) / len(self._inner):.1f} inner steps/step")
         self._inner.clear()
