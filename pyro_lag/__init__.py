@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
         iw_log_likelihood,
         mutual_information,
     )
+    from .batches import Batches
+    from .fit_result import FitResult
     from .inference_data import to_inference_data
+    from .settings import FitSettings
     from .sites import NoLocalLatentError
     from .svi import AggressiveSVI, InnerLoopStopper
     from .training import fit
@@ -33,6 +36,9 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it.
 _SOURCES: dict[str, str] = {
     "AggressiveSVI": "svi",
+    "Batches": "batches",
+    "FitResult": "fit_result",
+    "FitSettings": "settings",
     "InnerLoopStopper": "svi",
     "MutualInformation": "diagnostics",
     "NoLocalLatentError": "sites",
@@ -47,6 +53,9 @@ _SOURCES: dict[str, str] = {
 
 __all__ = [
     "AggressiveSVI",
+    "Batches",
+    "FitResult",
+    "FitSettings",
     "InnerLoopStopper",
     "MutualInformation",
     "NoLocalLatentError",
