@@ -21,6 +21,8 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check pyro_lag cli models
+	$(BIN)/mypy pyro_lag
+	$(BIN)/python -m pytest -q --doctest-modules pyro_lag models cli
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)

@@ -15,6 +15,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ loads these
+    from .batches import Batches
     from .diagnostics import (
         MutualInformation,
         active_units,
@@ -23,7 +24,6 @@ if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__
         iw_log_likelihood,
         mutual_information,
     )
-    from .batches import Batches
     from .fit_result import FitResult
     from .inference_data import to_inference_data
     from .settings import FitSettings

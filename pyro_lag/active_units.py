@@ -30,7 +30,7 @@ class _MaskedVariance:
         n = weight.sum(0)
         mean = (rows * weight).sum(0) / n.clamp(min=1)
         m2 = (((rows - mean) ** 2) * weight).sum(0)
-        if self.count is None:
+        if self.count is None or self.mean is None or self.m2 is None:  # the first batch: all three unset
             self.count, self.mean, self.m2 = n, mean, m2
             return
         self._grow(n.shape[0])

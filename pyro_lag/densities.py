@@ -10,9 +10,11 @@ tensor), and the data plate's position; the event sums are done here.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro.poutine.runtime import Message
 from torch.distributions import Distribution, Independent
 
 
@@ -59,9 +61,10 @@ class SiteDensity:
     shape: torch.Size
 
     @classmethod
-    def of(cls, name: str, site: dict, plate_dim: int) -> "SiteDensity":
+    def of(cls, name: str, site: Message, plate_dim: int) -> "SiteDensity":
         """Take a traced sample site apart; ``plate_dim`` is the data plate's negative batch dim."""
-        fn, value = site["fn"], site["value"]
+        fn: Any = site["fn"]  # Pyro types a site's fn as a bare callable and its value as optional
+        value: Any = site["value"]
         base, masks = _unwrap(fn)
         base_event = len(base.event_shape)
         shape = value.shape[: value.dim() - base_event]

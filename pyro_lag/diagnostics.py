@@ -22,7 +22,7 @@ from .mutual_information import (
     MutualInformation,
     terms_by_replay,
 )
-from .sites import Batch, is_latent, point_log_prob, site_frame
+from .sites import Batch, Site, is_latent, point_log_prob, site_frame
 from .views import (
     View,
     as_batches,
@@ -46,7 +46,7 @@ def _sites_depend_on_each_other(guide: Callable, view: View) -> bool:
     other = trace_guide(guide, view.args, view.kwargs)
     mixed = view.trace.copy()
     for d in view.densities:
-        node = dict(view.trace.nodes[d.name])
+        node = view.trace.nodes[d.name].copy()
         node["value"] = other.nodes[d.name]["value"]
         mixed.nodes[d.name] = node
     replayed = poutine.trace(poutine.replay(guide, trace=mixed)).get_trace(*view.args, **view.kwargs)
@@ -117,11 +117,11 @@ def mutual_information(
 # ------------------------------------------------------------------ KL and reconstruction
 
 
-def _site_kl(model_site: dict | None, density: SiteDensity, plate: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _site_kl(model_site: Site | None, density: SiteDensity, plate: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """KL(q || p) of one local site per data point [B] (closed form where torch has it, else at the
     guide's draw), and per data point and unit [B, units] when the KL is elementwise (else None)."""
     frame = site_frame(model_site, plate) if model_site is not None and is_latent(model_site) else None
-    if frame is None:
+    if model_site is None or frame is None:
         return density.per_point(), None  # the model does not score this site per data point
     prior = SiteDensity.of(density.name, model_site, frame.dim)
     if prior.base.event_shape != density.base.event_shape or prior.shape != density.shape:
@@ -148,9 +148,9 @@ def _kl_and_recon(model: Callable, view: View) -> tuple[torch.Tensor, torch.Tens
     per_unit: list[torch.Tensor] | None = []
     local = {d.name: d for d in view.densities}
     for name, site in view.trace.nodes.items():
-        if not is_latent(site) or site_frame(site, plate) is None:
+        frame = site_frame(site, plate) if is_latent(site) else None
+        if frame is None:
             continue
-        frame = site_frame(site, plate)
         density = local.get(name) or SiteDensity.of(name, site, frame.dim)
         model_site = model_trace.nodes.get(name)
         site_kl, site_units = _site_kl(model_site, density, plate)

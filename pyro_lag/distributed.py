@@ -212,7 +212,11 @@ class DistributedAggressiveSVI(AggressiveSVI):
         """
         if not is_distributed():
             return super()._check_mi_by_itself()
-        due = self._checks_mi_by_itself() and self._steps_since_check + 1 >= self.mi_every  # type: ignore[operator]
+        due = (
+            self._checks_mi_by_itself()
+            and self.mi_every is not None
+            and self._steps_since_check + 1 >= self.mi_every
+        )
         self._self_check = "due" if due else None
         try:
             super()._check_mi_by_itself()

@@ -183,6 +183,12 @@ def average_gradients(params: Sequence[torch.Tensor]) -> None:
     _average(params)
 
 
+def _flat_grad(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's gradient (zeros when it has none), flattened."""
+    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+    return grad.reshape(-1)
+
+
 def _average(params: Sequence[torch.Tensor]) -> None:
     """The all-reduce itself: gradients of one dtype and device travel in one flat buffer, with the
     "has a gradient" flags of all parameters appended to the first buffer."""
@@ -193,10 +199,7 @@ def _average(params: Sequence[torch.Tensor]) -> None:
     flags: list[bool] = []
     with _collective("gradient averaging"):
         for number, ((dtype, device), indices) in enumerate(groups.items()):
-            pieces = [
-                (params[i].grad if params[i].grad is not None else torch.zeros_like(params[i])).reshape(-1)
-                for i in indices
-            ]
+            pieces = [_flat_grad(params[i]) for i in indices]
             if number == 0:
                 pieces.append(torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=device))
             flat = torch.cat(pieces)

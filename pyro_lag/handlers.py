@@ -1,14 +1,42 @@
 """KL weights (annealing, beta, cyclical) and free bits as Pyro handlers.
 
-These work on any Pyro model/guide pair, not only the built-in ones:
+These work on any Pyro model/guide pair, not only the built-in ones, such as this one:
+
+    >>> import pyro, torch
+    >>> import pyro.distributions as dist
+    >>> from pyro.infer import SVI, Trace_ELBO
+    >>> from pyro.optim import Adam
+    >>> def model(x):
+    ...     with pyro.plate("data", len(x)):
+    ...         z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    ...         pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+    >>> def guide(x):
+    ...     loc = pyro.param("loc", torch.zeros(len(x)))
+    ...     with pyro.plate("data", len(x)):
+    ...         pyro.sample("z", dist.Normal(loc, 1.0))
+    >>> x = torch.tensor([0.5, -1.0, 2.0])
+    >>> pyro.clear_param_store()
+
+A KL weight scales the latent sites of both model and guide:
 
     >>> schedule = linear_annealing(kl_start=0.1, warm_up_epochs=10, steps_per_epoch=100)
     >>> weight = KLWeight(schedule)              # reads schedule.value at every site
-    >>> svi = pyro.infer.SVI(weight(model), weight(guide), optim, Trace_ELBO())
-    >>> schedule.update(epoch, step)             # once per training step
+    >>> svi = SVI(weight(model), weight(guide), Adam({"lr": 0.01}), Trace_ELBO())
+    >>> schedule.update(epoch=0, step=0)         # once per training step
+    0.1009
+    >>> loss = svi.step(x)
+    >>> pyro.poutine.trace(weight(guide)).get_trace(x).nodes["z"]["scale"]
+    0.1009
 
+Free bits replace the KL weight; ``last_kl`` holds each dimension's batch-averaged KL:
+
+    >>> pyro.clear_param_store()
     >>> fb = FreeBits(0.5)
-    >>> svi = pyro.infer.SVI(fb.model(model), fb.guide(guide), optim, Trace_ELBO())
+    >>> svi = SVI(fb.model(model), fb.guide(guide), Adam({"lr": 0.01}), Trace_ELBO())
+    >>> loss = svi.step(x)
+    >>> fb.last_kl["z"]                          # q = N(0, 1) = p at the first step
+    tensor(0.)
+    >>> pyro.clear_param_store()
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ import torch
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
-from .sites import detach_trace, is_latent, max_plate_nesting, point_log_prob
+from .sites import detach_trace, is_latent, max_plate_nesting, point_log_prob, site_fn
 from .views import eval_mode, trace_guide, trace_model, view_of
 
 IW_PLATE = "_pyro_lag_particles"
@@ -39,7 +39,7 @@ def _check_plate_shapes(trace: Trace) -> None:
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
-        batch_shape = site["fn"].batch_shape
+        batch_shape = site_fn(site).batch_shape
         owned = {f.dim: f.size for f in site["cond_indep_stack"] if f.vectorized}
         for index, size in enumerate(batch_shape):
             dim = index - len(batch_shape)
@@ -48,7 +48,7 @@ def _check_plate_shapes(trace: Trace) -> None:
 
 
 def _sum_log_weights(model_trace: Trace, guide_trace: Trace, plate: str, keep_left: int) -> torch.Tensor:
-    log_w = 0.0
+    log_w: torch.Tensor | float = 0.0
     for site in model_trace.nodes.values():
         if site["type"] == "sample":
             lp = point_log_prob(site, plate, keep_left)
@@ -59,6 +59,8 @@ def _sum_log_weights(model_trace: Trace, guide_trace: Trace, plate: str, keep_le
             lp = point_log_prob(site, plate, keep_left)
             if lp is not None:
                 log_w = log_w - lp
+    if not isinstance(log_w, torch.Tensor):  # the view found a local latent in the plate: not reached
+        raise ValueError(f"no site of the program is scored per data point of plate {plate!r}")
     return log_w
 
 

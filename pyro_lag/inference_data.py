@@ -359,7 +359,7 @@ def history_from_inference_data(idata: "arviz.InferenceData") -> list[dict[str, 
     for i, epoch in enumerate(data["epoch"].values.tolist()):
         entry: dict[str, Any] = {"epoch": epoch}
         for name, variable in data.data_vars.items():
-            entry[name] = variable.values[i].item()
+            entry[str(name)] = variable.values[i].item()
         history.append(entry)
     return history
 

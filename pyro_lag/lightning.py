@@ -6,7 +6,7 @@ from :class:`~pyro_lag.distributed.DistributedAggressiveSVI`, so the algorithm i
 same code as in single-process training:
 
     >>> from pyro_lag.lightning import fit_lightning
-    >>> result = fit_lightning(model, guide, train, valid, epochs=20,
+    >>> result = fit_lightning(model, guide, train, valid, epochs=20,  # doctest: +SKIP
     ...                        accelerator="gpu", devices=4, strategy="ddp", run_dir="runs/vae")
 
 The pieces live in modules of their own (``lightning_settings``, ``lightning_data``,
@@ -156,7 +156,7 @@ def fit_lightning(
                 model, guide, train, valid, settings, run_dir=run_path, resume_from=last if done else None,
                 fit_callbacks=fit_callbacks,
             )
-            options = {
+            options: dict[str, Any] = {
                 "logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                 "num_sanity_val_steps": 0, "use_distributed_sampler": False,
             }

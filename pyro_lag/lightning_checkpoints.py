@@ -46,6 +46,7 @@ class RankZeroCheckpoints:
         ranks = _gather(own)
         if self.last is None or module.global_rank != 0:
             return
+        assert module.svi is not None, "the SVI is built in on_fit_start, before any checkpoint"
         meta = {
             "config": module.settings.record(),
             "epoch": module.epochs_done,

@@ -49,12 +49,13 @@ class EpochShardSampler(DistributedSampler):
     def __init__(self, dataset: EpochBatches, num_replicas: int, rank: int, first_epoch: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.first_epoch = first_epoch
+        self.batches = dataset
 
     def positions(self) -> list[int]:
-        n = len(self.dataset)
+        n = len(self.batches)
         return [(self.rank + k * self.num_replicas) % n for k in range(self.num_samples)]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = self.first_epoch + self.epoch
         return iter([(epoch, p) for p in self.positions()])
 

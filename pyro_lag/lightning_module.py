@@ -45,7 +45,7 @@ from .lightning_data import EpochBatches, EpochShardSampler, _unchanged
 from .lightning_settings import LightningSettings
 from .losses import make_loss
 from .plateau import Plateau
-from .programs import InnerUnits, modules_of, per_example
+from .programs import InnerUnits, make_optim, modules_of, per_example
 from .sites import normalize_batch
 
 __all__ = ["AggressiveLightningModule"]
@@ -103,7 +103,8 @@ class AggressiveLightningModule(pl.LightningModule):
         self.epochs_done = 0
         self.best_val_loss = math.inf
         self.best_epoch: int | None = None
-        self.plateau = Plateau(float(self.settings.lr))
+        self.plateau = Plateau(float(self.settings.lr or 1e-3))
+        self.seed = self.settings.seed if self.settings.seed is not None else 0
         self.stopped: str | None = None
         self.fit_callbacks = Callbacks(fit_callbacks)
         self._best_params: dict[str, Any] | None = None  # kept in memory for the lr decay only
@@ -130,7 +131,6 @@ class AggressiveLightningModule(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         """Build the SVI on this rank, agree on the parameters, resume if asked, seed this rank's draws."""
-        s = self.settings
         state = self._read_resume_state()
         self._first_epoch = int(state["meta"]["epoch"]) if state is not None else 0
         self._positions = EpochShardSampler(self.train_batches, self.world, self.global_rank).positions()
@@ -138,7 +138,7 @@ class AggressiveLightningModule(pl.LightningModule):
             to_device(b, self.device)
             for i, b in enumerate(validation_batches(self.valid_source)) if i % self.world == self.global_rank
         ]
-        pyro.set_rng_seed(s.seed)  # parameters start from the same draws on every rank
+        pyro.set_rng_seed(self.seed)  # parameters start from the same draws on every rank
         for module in self.programs:
             module.train()
         first = normalize_batch(to_device(self.train_batches[(self._first_epoch, self._positions[0])], self.device))
@@ -148,7 +148,7 @@ class AggressiveLightningModule(pl.LightningModule):
         if state is not None:
             self._restore(state)
         else:
-            seed_rank(s.seed)
+            seed_rank(self.seed)
 
     def _build_svi(self, first: tuple[tuple, dict]) -> DistributedAggressiveSVI:
         s = self.settings
@@ -174,10 +174,7 @@ class AggressiveLightningModule(pl.LightningModule):
         )
 
     def _make_optim(self) -> Any:
-        optim, lr = self.settings.optim, self.plateau.lr
-        if callable(optim):
-            return optim(lr)
-        return pyro.optim.SGD({"lr": lr}) if optim == "sgd" else pyro.optim.Adam({"lr": lr})
+        return make_optim(self.settings.optim, self.plateau.lr)
 
     def _renew_optims(self) -> None:
         """Fresh optimizers at the plateau's lr (the reference rebuilds them after each decay)."""
@@ -204,9 +201,10 @@ class AggressiveLightningModule(pl.LightningModule):
     def _reseed_source(self) -> None:
         """Give rank r > 0 its own stream for a batch source's ``sample()`` (rank 0 keeps the source's)."""
         source = self.train_batches.source
-        if self.global_rank == 0 or isinstance(source, SequenceBatches):  # the latter draws from torch's RNG
+        from .data.batching import SAMPLE, BatchSource, torch_generator
+
+        if self.global_rank == 0 or not isinstance(source, BatchSource):  # others draw from torch's RNG
             return
-        from .data.batching import SAMPLE, torch_generator
 
         state = source.state_dict()
         state["sample_rng"] = torch_generator(source.seed, SAMPLE, self.global_rank).get_state()
@@ -251,7 +249,7 @@ class AggressiveLightningModule(pl.LightningModule):
             if ranks[self.global_rank].get("train_source") is not None:
                 source.load_state_dict(ranks[self.global_rank]["train_source"])
         else:  # another number of ranks: fresh streams, still one per rank and epoch
-            seed_rank(self.settings.seed + 1000 * self.epochs_done)
+            seed_rank(self.seed + 1000 * self.epochs_done)
 
     # ------------------------------------------------------------------ training
 

@@ -53,7 +53,7 @@ def resolve_strategy(strategy: Any, accelerator: str = "auto", devices: Any = "a
     :class:`PyroDDPStrategy` with the same start method; anything else is passed through."""
     if isinstance(strategy, str):
         if strategy in DDP_STRATEGIES:
-            return PyroDDPStrategy(start_method=DDP_STRATEGIES[strategy])
+            return PyroDDPStrategy(start_method=DDP_STRATEGIES[strategy])  # type: ignore[arg-type]  # one of the four
         if strategy == "auto" and (num_nodes > 1 or _num_devices(accelerator, devices) > 1):
             return PyroDDPStrategy()
     return strategy

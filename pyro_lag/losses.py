@@ -14,7 +14,7 @@ import torch
 from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
-from .sites import is_latent
+from .sites import is_latent, site_fn
 
 LOSSES = ("exact", "sampled")
 """``exact``: KL in closed form (TraceMeanField_ELBO); ``sampled``: one-sample KL (Trace_ELBO)."""
@@ -38,7 +38,7 @@ def check_closed_form_kl(model: Callable, guide: Callable, args: tuple, kwargs: 
                 f"loss 'exact': the model's latent site '{name}' is not sampled by the guide; use loss 'sampled'"
             )
         try:
-            torch.distributions.kl_divergence(guide_site["fn"], site["fn"])
+            torch.distributions.kl_divergence(site_fn(guide_site), site_fn(site))
         except NotImplementedError:
             raise ClosedFormKLError(
                 f"loss 'exact': site '{name}' has no closed-form KL from the guide's "

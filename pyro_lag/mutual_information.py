@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from pyro import poutine
 from pyro.poutine.trace_struct import Trace
 
 from .densities import SiteDensity
+from .sites import site_value
 
 POOL_SIZE = 4096
 """Points pooled into one estimate: the MI is capped at log of it (8.3 nats)."""
@@ -76,7 +77,7 @@ class MIAccumulator:
         pool, self._pool = self._pool, _Pool()
         if not pool.batches:
             return
-        own = torch.cat([sum(d.per_point() for d in batch) for batch in pool.batches])
+        own = torch.cat([_sum(d.per_point() for d in batch) for batch in pool.batches])
         rows = [[d.rows() for d in batch] for batch in pool.batches]
         n = own.shape[0]
         values = [torch.cat([r[k][0] for r in rows]) for k in range(len(rows[0]))]
@@ -87,9 +88,9 @@ class MIAccumulator:
         aggregate = []
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
+            chunk_masks = [None if mask is None else mask[start:stop] for mask in masks]
             columns = [
-                sum(d.pair_log_prob(values[k][start:stop], None if masks[k] is None else masks[k][start:stop])
-                    for k, d in enumerate(batch))
+                _sum(d.pair_log_prob(values[k][start:stop], chunk_masks[k]) for k, d in enumerate(batch))
                 for batch in pool.batches
             ]
             aggregate.append(torch.logsumexp(torch.cat(columns, dim=1), dim=1) - math.log(n))
@@ -106,6 +107,14 @@ class MIAccumulator:
         n = per_point.numel()
         se = float(per_point.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
         return MutualInformation(float(per_point.mean()), se, n, self.pairs)
+
+
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(tensors)``, typed: the builtin's start value 0 makes its result ``int | Tensor`` to mypy."""
+    total: Any = 0
+    for tensor in tensors:
+        total = total + tensor
+    return total
 
 
 def _cat_masks(rows: list[tuple[torch.Tensor, torch.Tensor | None]], event_dims: int) -> torch.Tensor | None:
@@ -130,18 +139,18 @@ def terms_by_replay(
     which entries count.
     """
     size = densities[0].size
-    own = sum(d.per_point() for d in densities)
+    own = _sum(d.per_point() for d in densities)
     rows = []
     for i in range(size):
         fixed = trace.copy()
         for d in densities:
-            node = dict(trace.nodes[d.name])
-            value = node["value"]
+            node = trace.nodes[d.name].copy()
+            value = site_value(node)
             position = d.position
             node["value"] = value.narrow(position, i, 1).expand_as(value)
             fixed.nodes[d.name] = node
         replayed = poutine.trace(poutine.replay(guide, trace=fixed)).get_trace(*args, **kwargs)
-        row = 0.0
+        row_parts = []
         for d in densities:
             moved = SiteDensity.of(d.name, replayed.nodes[d.name], plate_of(replayed, d.name))
             log_q = moved.elementwise(d.value.narrow(d.position, i, 1).expand_as(d.value))
@@ -149,7 +158,7 @@ def terms_by_replay(
                 own_mask = d.mask.narrow(d.position, i, 1).expand_as(d.mask)
                 log_q = log_q.masked_fill(~own_mask, 0.0)
             dims = [k for k in range(log_q.dim()) if k != d.position]
-            row = row + (log_q.sum(dim=dims) if dims else log_q)
-        rows.append(row)
+            row_parts.append(log_q.sum(dim=dims) if dims else log_q)
+        rows.append(_sum(row_parts))
     pairs = torch.stack(rows)
     return own - (torch.logsumexp(pairs, dim=1) - math.log(size))

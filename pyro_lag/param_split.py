@@ -21,7 +21,7 @@ from pyro.poutine.util import site_is_subsample
 from pyro.util import get_rng_state, set_rng_state
 
 from .pyro_compat import first_elbo_traces
-from .sites import NoLocalLatentError, is_latent, require_local_latent
+from .sites import NoLocalLatentError, is_latent, require_local_latent, site_fn, site_value
 
 Override = Sequence[Any]  # parameter names (glob patterns allowed) and/or nn.Modules
 
@@ -73,7 +73,7 @@ def _matches(name: str, tensor: torch.Tensor, override: Override) -> bool:
     return False
 
 
-def _connected(output: torch.Tensor, params: dict[str, torch.Tensor]) -> set[str]:
+def _connected(output: torch.Tensor | None, params: dict[str, torch.Tensor]) -> set[str]:
     """Names of the parameters that ``output`` depends on through the autograd graph."""
     names = [n for n, p in params.items() if p.requires_grad]
     if not names or not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -154,7 +154,7 @@ def _log_density(trace: Trace, latent_only: bool) -> torch.Tensor | None:
         log_p = site.get("unscaled_log_prob")
         if log_p is None:
             try:
-                log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                log_p = site_fn(site).log_prob(site["value"], *site["args"], **site["kwargs"])
             except NotImplementedError:  # a density the loss never evaluates (EnergyDistance)
                 continue
         if isinstance(log_p, torch.Tensor) and log_p.requires_grad:
@@ -187,7 +187,7 @@ def probe_param_split(
         with poutine.trace(param_only=True) as capture, detached:
             model_trace, guide_trace = _loss_traces(loss, model, guide, args, kwargs)
     params = {
-        name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
+        name: site_value(site).unconstrained() for name, site in capture.trace.nodes.items()
     }
     # A guide parameter may reach the loss only through a reparameterized draw (a point mass).
     draws = dict(detached.draws)

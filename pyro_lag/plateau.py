@@ -17,10 +17,17 @@ __all__ = ["Plateau", "PlateauSettings"]
 class PlateauSettings(Protocol):
     """The settings the rule reads (:class:`pyro_lag.settings.FitSettings` has them)."""
 
-    lr_decay: float | None
-    decay_patience: int | None
-    decay_after: int | None
-    max_decays: int
+    @property
+    def lr_decay(self) -> float | None: ...
+
+    @property
+    def decay_patience(self) -> int | None: ...
+
+    @property
+    def decay_after(self) -> int | None: ...
+
+    @property
+    def max_decays(self) -> int: ...
 
 
 @dataclass

@@ -14,7 +14,18 @@ from pyro import poutine
 
 from .inner_loop import examples_in
 
-__all__ = ["modules_of", "per_example", "InnerUnits"]
+
+def make_optim(optim: str | Callable[[float], Any] | None, lr: float) -> Any:
+    """The PyroOptim a setting names (``"sgd"``, ``"adam"``) or builds (a callable ``lr -> PyroOptim``)."""
+    if callable(optim):
+        return optim(lr)
+    import pyro.optim
+
+    # Pyro generates its optimizer wrappers at import time, so type checkers cannot see them.
+    factory = pyro.optim.SGD if optim == "sgd" else pyro.optim.Adam  # type: ignore[attr-defined]
+    return factory({"lr": lr})
+
+__all__ = ["modules_of", "per_example", "InnerUnits", "make_optim"]
 
 
 def modules_of(*fns: Callable) -> list[torch.nn.Module]:

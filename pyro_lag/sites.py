@@ -11,11 +11,15 @@ from typing import Any
 
 import pyro.distributions as dist
 import torch
+from pyro.poutine.runtime import Message
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import site_is_subsample
 
 Batch = Any
 """A batch: a tuple of positional args, a bare tensor (one-argument call), or an (args, kwargs) pair."""
+
+Site = Message
+"""A traced site: a node of ``Trace.nodes``."""
 
 ELBO_PARTICLE_PLATE = "num_particles_vectorized"
 """The plate Pyro's ELBOs wrap around model and guide to vectorize particles: never a data plate."""
@@ -68,12 +72,22 @@ def is_delta(fn: Any) -> bool:
     return isinstance(_base_fn(fn), dist.Delta)
 
 
-def is_latent(site: dict) -> bool:
+def site_fn(site: Site) -> Any:
+    """A sample site's distribution (Pyro types ``site["fn"]`` as a bare callable)."""
+    return site["fn"]
+
+
+def site_value(site: Site) -> Any:
+    """A sample or param site's value (Pyro types ``site["value"]`` as optional; traced sites have one)."""
+    return site["value"]
+
+
+def is_latent(site: Site) -> bool:
     """A non-observed sample site that is a random variable (not a plate's subsample indices)."""
     return site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)
 
 
-def site_frame(site: dict, plate: str) -> Any | None:
+def site_frame(site: Site, plate: str) -> Any | None:
     """The vectorized plate frame called ``plate`` in a site's stack, if any."""
     for frame in site["cond_indep_stack"]:
         if frame.name == plate and frame.vectorized:
@@ -140,8 +154,8 @@ def find_data_plate(
                 continue
             counts[frame.name] += 1
             outer_rank.setdefault(frame.name, rank)
-            value = site["value"]
-            axis = value.dim() - len(site["fn"].event_shape) + frame.dim
+            value = site_value(site)
+            axis = value.dim() - len(site_fn(site).event_shape) + frame.dim
             sizes.setdefault(frame.name, int(value.shape[axis]) if 0 <= axis < value.dim() else -1)
             if frame.full_size is not None and frame.full_size != frame.size:
                 subsampled.add(frame.name)
@@ -227,12 +241,12 @@ def local_latent_sites(trace: Trace, data_plate: str, *, include_delta: bool = F
     return found
 
 
-def raw_log_prob(site: dict) -> torch.Tensor:
+def raw_log_prob(site: Site) -> torch.Tensor:
     """A site's log-density without the subsample or annealing scale, with its mask applied.
 
     The result has the site's full batch shape, so the data plate's dim is always present.
     """
-    fn, value = site["fn"], site["value"]
+    fn, value = site_fn(site), site_value(site)
     log_p = fn.log_prob(value)
     event_dim = len(fn.event_shape)
     batch_shape = value.shape[: value.dim() - event_dim]
@@ -258,7 +272,7 @@ def sum_to_plate(values: torch.Tensor, plate_dim: int, keep_left: int = 0) -> to
     return values.sum(dim=dims) if dims else values
 
 
-def point_log_prob(site: dict, data_plate: str, keep_left: int = 0) -> torch.Tensor | None:
+def point_log_prob(site: Site, data_plate: str, keep_left: int = 0) -> torch.Tensor | None:
     """A site's unscaled log-density summed to one value per data point, or None outside the plate."""
     if site_is_subsample(site):
         return None
@@ -273,8 +287,8 @@ def detach_trace(trace: Trace) -> Trace:
     detached = trace.copy()
     for name, site in trace.nodes.items():
         if site["type"] == "sample":
-            node = dict(site)
-            node["value"] = site["value"].detach()
+            node = site.copy()
+            node["value"] = site_value(site).detach()
             detached.nodes[name] = node
     return detached
 
@@ -285,6 +299,6 @@ def max_plate_nesting(*traces: Trace) -> int:
     for trace in traces:
         for site in trace.nodes.values():
             for frame in site.get("cond_indep_stack", ()):
-                if frame.vectorized:
+                if frame.dim is not None:  # the frame is vectorized
                     depth = max(depth, -frame.dim)
     return depth

@@ -28,6 +28,7 @@ from .param_split import (
 )
 from .pyro_compat import without_compiled_functions
 from .seen_batches import GuideBatches, SeenBatches
+from .sites import site_value
 from .stop_rules import STOP_RULES, MIStopRule
 
 __all__ = ["AggressiveSVI", "InnerLoopStopper", "STOP_RULES", "CLIP_SCOPES"]
@@ -187,7 +188,7 @@ class AggressiveSVI(SVI):
 
     def _check_mi_by_itself(self) -> None:
         """Without observe_mi calls: estimate MI every ``mi_every`` steps and apply the stop rule."""
-        if not self._checks_mi_by_itself():
+        if not self._checks_mi_by_itself() or self.mi_every is None:
             return
         self._steps_since_check += 1
         if self._steps_since_check < self.mi_every:
@@ -247,8 +248,8 @@ class AggressiveSVI(SVI):
 
     def _ensure_split(self, names: Iterable[str], args: tuple, kwargs: dict) -> ParamSplit:
         if self._split is None or not self._split.known(names):
-            self.split_params(*args, **kwargs)
-        return self._split  # type: ignore[return-value]
+            return self.split_params(*args, **kwargs)
+        return self._split
 
     # ---------------------------------------------------------------- steps
 
@@ -259,7 +260,8 @@ class AggressiveSVI(SVI):
         if kind not in self._step_losses:
             elbo = copy.copy(self._elbo)
             without_compiled_functions(elbo)
-            self._step_losses[kind] = elbo.loss_and_grads
+            # Pyro's ELBO base class does not declare loss_and_grads; every concrete ELBO defines it.
+            self._step_losses[kind] = elbo.loss_and_grads  # type: ignore[attr-defined]
         return self._step_losses[kind]
 
     def _loss_and_grads(
@@ -270,7 +272,7 @@ class AggressiveSVI(SVI):
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             loss = self._loss_for(kind)(self.model, self.guide, *args, **kwargs)
         params = {
-            name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()
+            name: site_value(site).unconstrained() for name, site in capture.trace.nodes.items()
         }
         self._reduce_grads(list(params.values()))
         return loss, params

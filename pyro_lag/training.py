@@ -28,7 +28,7 @@ from .handlers import KLWeight
 from .inner_loop import examples_in
 from .losses import make_loss
 from .no_latent import exact_metrics, latent_sites
-from .programs import InnerUnits, modules_of, per_example
+from .programs import InnerUnits, make_optim, modules_of, per_example
 from .settings import METHODS, FitSettings
 from .sites import normalize_batch
 from .svi import AggressiveSVI
@@ -75,10 +75,7 @@ class _Run:
         self.svi.split_params(*first[0], **first[1])
 
     def _make_optim(self) -> Any:
-        optim, lr = self.settings.optim, self.state.lr
-        if callable(optim):
-            return optim(lr)
-        return pyro.optim.SGD({"lr": lr}) if optim == "sgd" else pyro.optim.Adam({"lr": lr})
+        return make_optim(self.settings.optim, self.state.lr)
 
     def _guide_batch(self) -> Any:
         """A random training batch for an aggressive inner step."""

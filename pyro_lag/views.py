@@ -22,7 +22,7 @@ from .sites import (
 @contextlib.contextmanager
 def eval_mode(*fns: Callable) -> Iterator[None]:
     """Put the torch modules behind these callables (modules or their bound methods) in eval mode."""
-    modules = []
+    modules: list[tuple[torch.nn.Module, bool]] = []
     for fn in fns:
         owner = fn if isinstance(fn, torch.nn.Module) else getattr(fn, "__self__", None)
         if isinstance(owner, torch.nn.Module) and all(owner is not m for m, _ in modules):

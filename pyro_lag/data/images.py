@@ -97,9 +97,9 @@ def load_images(
     if np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise DataFileError(f"pixel values must be finite, found NaN or infinity: {what}")
-        lo, hi = float(array.min()), float(array.max())
-        if lo < 0.0 or hi > 1.0:
-            raise DataFileError(f"float pixel values must lie in [0, 1], got {lo:g}..{hi:g}: {what}")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
+            raise DataFileError(f"float pixel values must lie in [0, 1], got {low:g}..{high:g}: {what}")
         return array.astype(np.float32, copy=False)
     raise DataFileError(f"pixel values must be integers or floats, got dtype {array.dtype}: {what}")
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from matplotlib.artist import Artist
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -47,7 +48,7 @@ def to_data_uri(fig: Figure) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _array(value: Any) -> np.ndarray:
+def as_array(value: Any) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
@@ -138,7 +139,7 @@ def training_curves(history: Sequence[Mapping[str, Any]], collapse_line: float |
         ax.grid(alpha=0.3, lw=0.5)
     for ax in axes[len(panels):]:
         ax.set_visible(False)
-    handles = []
+    handles: list[Artist] = []
     if spans:
         handles.append(Patch(color=AGGRESSIVE_COLOR, label="aggressive phase"))
     if marked_collapse:
@@ -162,14 +163,16 @@ def latent_usage(usage: Mapping[str, Any], threshold: float = ACTIVE_THRESHOLD) 
 
     Active dimensions are coloured; values of zero are drawn at the bottom of the log axis.
     """
-    variance = _array(usage["au_var"]).reshape(-1).astype(np.float64)
+    variance = as_array(usage["au_var"]).reshape(-1).astype(np.float64)
     active = usage.get("active")
-    active = variance >= threshold if active is None else _array(active).reshape(-1).astype(bool)
+    active = variance >= threshold if active is None else as_array(active).reshape(-1).astype(bool)
     kl = usage.get("kl")
-    kl = None if kl is None else _array(kl).reshape(-1).astype(np.float64)
+    kl = None if kl is None else as_array(kl).reshape(-1).astype(np.float64)
     dims = np.arange(variance.size)
     colors = [ACTIVE_COLOR if a else INACTIVE_COLOR for a in active]
-    panels = [("variance of the posterior mean E_q[z_d | x]", variance, threshold)]
+    panels: list[tuple[str, np.ndarray, float | None]] = [
+        ("variance of the posterior mean E_q[z_d | x]", variance, threshold)
+    ]
     if kl is not None:
         panels.insert(0, ("KL(q(z_d|x) || p(z_d)) per dimension (nats)", kl, None))
     width = min(max(4.5, 0.28 * variance.size + 2.5), 7.5)
@@ -217,11 +220,14 @@ def posterior_forest(
     ``dims`` picks the dimensions (default the first ``max_dims``); one panel per observation,
     94% HDI bars, the prior mean 0 and the prior's 94% interval marked for reference.
     """
-    if "posterior" not in idata.groups() or not idata.posterior.data_vars:
+    if "posterior" not in idata.groups():
+        return None
+    posterior = idata["posterior"]
+    if not posterior.data_vars:
         return None
     az = _arviz()
-    site = next(iter(idata.posterior.data_vars))
-    variable = idata.posterior[site]
+    site = next(iter(posterior.data_vars))
+    variable = posterior[site]
     obs_dim, latent_dim = variable.dims[2], variable.dims[3]
     n_obs = min(max_obs, variable.sizes[obs_dim])
     chosen = list(range(variable.sizes[latent_dim]))[:max_dims] if dims is None else list(dims)[:max_dims]
@@ -254,7 +260,7 @@ def posterior_forest(
 
 
 def _as_2d(values: Any) -> np.ndarray:
-    array = _array(values).astype(np.float64)
+    array = as_array(values).astype(np.float64)
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2:
@@ -270,7 +276,7 @@ def posterior_mean_space(snapshots: Mapping[str, tuple[Any, Any]]) -> str:
     the diagonal mean the guide has caught up with the model's posterior; points near 0 on
     both axes mean collapse.
     """
-    pairs = []
+    pairs: list[tuple[str, int, np.ndarray, np.ndarray, int]] = []
     for label, (model_means, guide_means) in snapshots.items():
         m, g = _as_2d(model_means), _as_2d(guide_means)
         if m.shape != g.shape:
@@ -306,7 +312,7 @@ def posterior_mean_space(snapshots: Mapping[str, tuple[Any, Any]]) -> str:
 
 def _image_stack(images: Any) -> np.ndarray:
     """``[N, H, W]`` floats from ``[N, H, W]`` or ``[N, 1, H, W]`` arrays (uint8 scaled to [0, 1])."""
-    array = _array(images)
+    array = as_array(images)
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 3:

@@ -70,9 +70,9 @@ def collapse_verdict(
     if usage is not None:
         flags = usage.get("active")
         if flags is None:
-            variance = np.asarray(plots._array(usage["au_var"])).reshape(-1)
+            variance = np.asarray(plots.as_array(usage["au_var"])).reshape(-1)
             flags = variance >= float(usage.get("threshold", ACTIVE_THRESHOLD))
-        flags = np.asarray(plots._array(flags)).reshape(-1).astype(bool)
+        flags = np.asarray(plots.as_array(flags)).reshape(-1).astype(bool)
         active_dims = [int(d) for d in np.flatnonzero(flags)]
         latent_dim = int(flags.size)
         if au is None:
@@ -245,7 +245,7 @@ def _forest_dims(usage: Mapping[str, Any] | None, max_dims: int) -> list[int] | 
     """The latent dimensions worth showing: most used first (posterior-mean variance)."""
     if usage is None:
         return None
-    variance = np.asarray(plots._array(usage["au_var"])).reshape(-1)
+    variance = np.asarray(plots.as_array(usage["au_var"])).reshape(-1)
     return [int(d) for d in np.argsort(-variance, kind="stable")[:max_dims]]
 
 
@@ -313,9 +313,9 @@ def render_report(
     history_header, history_rows = _history_table(history)
     usage_rows = []
     if usage is not None:
-        variance = np.asarray(plots._array(usage["au_var"])).reshape(-1)
+        variance = np.asarray(plots.as_array(usage["au_var"])).reshape(-1)
         kl = usage.get("kl")
-        kl = None if kl is None else np.asarray(plots._array(kl)).reshape(-1)
+        kl = None if kl is None else np.asarray(plots.as_array(kl)).reshape(-1)
         active = set(verdict.active_dims)
         usage_rows = [
             (d, _fmt(kl[d]) if kl is not None else "", _fmt(variance[d]), d in active)
