@@ -38,14 +38,14 @@ from .distributed import (
     seed_rank,
     sum_over_ranks,
 )
-from .handlers import KLSchedule, KLWeight
+from .handlers import KLSchedule
 from .inner_loop import examples_in
 from .lightning_checkpoints import RankZeroCheckpoints
 from .lightning_data import EpochBatches, EpochShardSampler, _unchanged
 from .lightning_settings import LightningSettings
 from .losses import make_loss
 from .plateau import Plateau
-from .programs import InnerUnits, make_optim, modules_of, per_example
+from .programs import InnerUnits, make_optim, modules_of, training_programs
 from .sites import normalize_batch
 
 __all__ = ["AggressiveLightningModule"]
@@ -152,21 +152,14 @@ class AggressiveLightningModule(pl.LightningModule):
 
     def _build_svi(self, first: tuple[tuple, dict]) -> DistributedAggressiveSVI:
         s = self.settings
-        model, guide = self.pyro_model, self.pyro_guide
         self.schedule = s.kl_schedule(len(self._positions))
-        if self.schedule is not None:
-            weight = KLWeight(self.schedule)
-            model, guide = weight(model), weight(guide)
         free_bits = s.kl_handlers(len(self._positions))[1]
-        if free_bits is not None:
-            model, guide = free_bits.model(model), free_bits.guide(guide)
-        if s.per_example_loss:
-            model, guide = per_example(model), per_example(guide)
+        model, guide = training_programs(self.pyro_model, self.pyro_guide, self.schedule, free_bits, s.per_example_loss)
         return DistributedAggressiveSVI(
             model, guide, self._make_optim(), make_loss(s.loss, self.pyro_model, self.pyro_guide, first),
             guide_batches=self._guide_batch,
             guide_optim=self._make_optim() if s.separate_guide_optim else None,
-            max_inner_steps=s.max_inner_steps, check_every=s.check_every,
+            max_inner_steps=s.max_inner_steps, check_every=s.check_every, inner_rule=s.inner_rule,
             clip_norm=s.clip_norm, clip_scope=s.clip_scope, stop_rule=s.stop_rule,
             patience=s.patience, mi_noise=s.mi_noise, mi_every=None,
             inner_loss_normalizer=InnerUnits(self.train_batches.source, s.per_example_loss),

@@ -25,7 +25,7 @@ def make_optim(optim: str | Callable[[float], Any] | None, lr: float) -> Any:
     factory = pyro.optim.SGD if optim == "sgd" else pyro.optim.Adam  # type: ignore[attr-defined]
     return factory({"lr": lr})
 
-__all__ = ["modules_of", "per_example", "InnerUnits", "make_optim"]
+__all__ = ["modules_of", "per_example", "InnerUnits", "make_optim", "training_programs"]
 
 
 def modules_of(*fns: Callable) -> list[torch.nn.Module]:
@@ -46,6 +46,22 @@ def per_example(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
 
     return scaled
+
+
+def training_programs(model: Callable, guide: Callable, schedule: Any = None, free_bits: Any = None,
+                      per_example_loss: bool = True) -> tuple[Callable, Callable]:
+    """Model and guide as a trainer runs them: under the method's KL weight (a ``KLSchedule``)
+    and free bits (a ``FreeBits``) where it has them, and scaled to a per-example loss."""
+    if schedule is not None:
+        from .handlers import KLWeight
+
+        weight = KLWeight(schedule)
+        model, guide = weight(model), weight(guide)
+    if free_bits is not None:
+        model, guide = free_bits.model(model), free_bits.guide(guide)
+    if per_example_loss:
+        model, guide = per_example(model), per_example(guide)
+    return model, guide
 
 
 class InnerUnits:

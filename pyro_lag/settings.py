@@ -63,8 +63,10 @@ class FitSettings:
     mi_noise: float = 2.0
     mi_samples: int = 4
     max_inner_steps: int = 100
-    check_every: int = 15
+    inner_rule: str = "paper"
+    check_every: int | None = None
     max_aggressive_epochs: int | None = None
+    mi_checks_per_epoch: int = 1
     lr_decay: float | None = 0.5
     decay_patience: int | None = None
     decay_after: int | None = None
@@ -96,9 +98,11 @@ class FitSettings:
                 _check_number(name, getattr(self, name))
         for name in ("iw_samples", "max_decays"):
             _check_number(name, getattr(self, name), integer=True)
-        for name in ("mi_samples", "cycles", "max_inner_steps", "check_every", "iw_chunk_size"):
+        if self.inner_rule not in ("paper", "noise"):
+            raise ValueError(f"inner_rule must be 'paper' or 'noise', got {self.inner_rule!r}")
+        for name in ("mi_samples", "cycles", "max_inner_steps", "iw_chunk_size", "mi_checks_per_epoch"):
             _check_number(name, getattr(self, name), minimum=1, integer=True)
-        for name in ("max_aggressive_epochs", "checkpoint_every"):
+        for name in ("max_aggressive_epochs", "checkpoint_every", "check_every"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), minimum=1, integer=True)
         for name in ("decay_patience", "decay_after", "seed"):

@@ -17,7 +17,7 @@ from pyro.infer.util import torch_item, zero_grads
 from pyro.optim import PyroOptim
 
 from .clipping import CLIP_SCOPES, GradientClipper
-from .inner_loop import InnerLoopStopper, examples_in
+from .inner_loop import INNER_RULES, InnerLoopStopper, examples_in, make_stopper
 from .param_split import (
     Override,
     ParamSplit,
@@ -31,7 +31,7 @@ from .seen_batches import GuideBatches, SeenBatches
 from .sites import site_value
 from .stop_rules import STOP_RULES, MIStopRule
 
-__all__ = ["AggressiveSVI", "InnerLoopStopper", "STOP_RULES", "CLIP_SCOPES"]
+__all__ = ["AggressiveSVI", "InnerLoopStopper", "INNER_RULES", "STOP_RULES", "CLIP_SCOPES"]
 
 
 class AggressiveSVI(SVI):
@@ -48,7 +48,11 @@ class AggressiveSVI(SVI):
         Without it, batches of the step's own kind from a uniform sample of those seen.
     :param guide_optim: a separate PyroOptim for the guide (the paper: SGD for encoder and decoder).
     :param max_inner_steps: at most this many guide-only steps per model step.
-    :param check_every: window length of the inner loop's stop rule.
+    :param inner_rule: when the inner loop stops: ``"paper"`` (the reference's: windows of 15
+        steps, stop when a window's loss rises; about 50 steps per model step) or ``"noise"``
+        (windows of 5, stop when a window's improvement is within its noise; at least 10).
+        See :mod:`pyro_lag.inner_loop`.
+    :param check_every: window length of the inner loop's rule (None: the rule's own, 15 or 5).
     :param clip_norm: clip the global gradient norm (reference: 5.0; None: no clipping).
     :param clip_scope: how ``clip_norm`` applies, with the reference's semantics by default:
         ``"joint-exact"``: one norm over guide and model gradients together, as the paper's
@@ -89,7 +93,8 @@ class AggressiveSVI(SVI):
         guide_batches: Callable[[], Any] | Iterable[Any] | None = None,
         guide_optim: PyroOptim | None = None,
         max_inner_steps: int = 100,
-        check_every: int = 15,
+        check_every: int | None = None,
+        inner_rule: str = "paper",
         clip_norm: float | None = None,
         clip_scope: str = "joint-exact",
         stop_rule: str = "drop",
@@ -112,7 +117,8 @@ class AggressiveSVI(SVI):
             raise ValueError("guide_optim must be a pyro.optim.PyroOptim, like optim")
         if mi_every is not None and (not isinstance(mi_every, int) or mi_every < 1):
             raise ValueError(f"mi_every must be a positive integer or None, got {mi_every!r}")
-        InnerLoopStopper(check_every, max_inner_steps)  # validates the two counts
+        make_stopper(inner_rule, check_every, max_inner_steps)  # validates the rule and the two counts
+        self.inner_rule = inner_rule
         self.rule = MIStopRule(stop_rule, patience, mi_noise)
         self.clipper = GradientClipper(clip_norm, clip_scope)
         self.guide_optim = guide_optim
@@ -380,7 +386,7 @@ class AggressiveSVI(SVI):
         return self._one_sided_step("model", args, kwargs)
 
     def _inner_loop(self, args: tuple, kwargs: dict) -> int:
-        stopper = InnerLoopStopper(self.check_every, self.max_inner_steps)
+        stopper = make_stopper(self.inner_rule, self.check_every, self.max_inner_steps)
         if self.guide_batches is None or self._checks_mi_by_itself():
             self._seen.add(args, kwargs)
         batch_args, batch_kwargs = args, kwargs

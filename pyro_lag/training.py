@@ -1,10 +1,8 @@
 """The epoch loop: training steps, validation, end of aggressive mode, lr decay, checkpoints, test pass.
 
-``fit`` runs every method of He et al. (2019) and its baselines on any Pyro model/guide
-pair (see :class:`~pyro_lag.settings.FitSettings`); a guide with no latent (decoder-only
-language model or PixelCNN) trains as a plain likelihood model. The pieces around the loop
-live in modules of their own: settings (``settings``), position (``training_state``),
-numerical faults (``divergence``), data (``batches``), lr decay (``plateau``).
+``fit`` runs every method of He et al. (2019) and its baselines on any Pyro model/guide pair
+(see :class:`~pyro_lag.settings.FitSettings`); a guide with no latent trains as a plain
+likelihood model. Settings, state, faults, data, lr decay and checkpoints have modules of their own.
 """
 from __future__ import annotations
 
@@ -21,14 +19,14 @@ import torch
 from .batches import as_batches, to_device, validation_batches
 from .callbacks import Callbacks
 from .checkpoint import plain_data
-from .diagnostics import evaluate
+from .diagnostics import estimate_mutual_information, evaluate
 from .divergence import FaultDiagnosis, TrainingDivergedError, nonfinite_argument, params_finite
 from .fit_result import FitResult
-from .handlers import KLWeight
 from .inner_loop import examples_in
 from .losses import make_loss
 from .no_latent import exact_metrics, latent_sites
-from .programs import InnerUnits, make_optim, modules_of, per_example
+from .param_split import preserved_rng
+from .programs import InnerUnits, make_optim, modules_of, training_programs
 from .settings import METHODS, FitSettings
 from .sites import normalize_batch
 from .svi import AggressiveSVI
@@ -56,16 +54,11 @@ class _Run:
         self.decoder_only = not latent_sites(guide, first)
         self.schedule, free_bits = (None, None) if self.decoder_only else settings.kl_handlers(self.steps_per_epoch)
         model_recorder, guide_recorder = self.faults.recorders()
-        train_model, train_guide = model_recorder(model), guide_recorder(guide)
-        if self.schedule is not None:
-            weight = KLWeight(self.schedule)
-            train_model, train_guide = weight(train_model), weight(train_guide)
-        if free_bits is not None:
-            train_model, train_guide = free_bits.model(train_model), free_bits.guide(train_guide)
+        train_model, train_guide = training_programs(model_recorder(model), guide_recorder(guide), self.schedule, free_bits)
         self.svi = AggressiveSVI(
-            per_example(train_model), per_example(train_guide), self._make_optim(), make_loss(settings.loss, model, guide, first),
+            train_model, train_guide, self._make_optim(), make_loss(settings.loss, model, guide, first),
             guide_batches=self._guide_batch, guide_optim=self._make_optim(),
-            max_inner_steps=settings.max_inner_steps, check_every=settings.check_every,
+            max_inner_steps=settings.max_inner_steps, check_every=settings.check_every, inner_rule=settings.inner_rule,
             clip_norm=settings.clip_norm, clip_scope=settings.clip_scope, stop_rule=settings.stop_rule or "drop",
             patience=settings.patience or 2, mi_noise=settings.mi_noise, mi_every=None,
             inner_loss_normalizer=InnerUnits(self.train), aggressive=settings.aggressive and not self.decoder_only,
@@ -144,6 +137,8 @@ class _Run:
         for offset, batch in enumerate(self.train.iter_from(epoch, start)):
             step = start + offset
             loss_value = self.step(epoch, step, batch)
+            if self.svi.aggressive and self.mi_check_due(step):
+                self.check_mi()
             self.callbacks.batch_end({
                 "epoch": epoch + 1, "step": step + 1, "steps": self.steps_per_epoch, "loss": loss_value,
                 "inner_steps": self.svi.last_inner_steps, "aggressive": self.svi.aggressive,
@@ -157,6 +152,19 @@ class _Run:
                 self.write_last()
         self.faults.recorded.clear()
         totals.time += time.perf_counter() - started
+
+    def mi_check_due(self, step: int) -> bool:
+        """Whether validation MI is checked after ``step``: ``mi_checks_per_epoch`` times an epoch, the
+        last of them at the epoch's end (with the rest of the validation)."""
+        every = max(self.steps_per_epoch // self.settings.mi_checks_per_epoch, 1)
+        return (step + 1) % every == 0 and step + 1 <= self.steps_per_epoch - every
+
+    def check_mi(self) -> None:
+        """Estimate validation MI now (drawing nothing from the training streams) and apply the stop rule."""
+        with preserved_rng():
+            mi = estimate_mutual_information(self.guide, validation_batches(self.valid), model=self.model,
+                                             num_samples=self.settings.mi_samples)
+        self.svi.observe_mi(mi.value, mi.se)
 
     def evaluate(self, batches: Any, iw_samples: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         if self.decoder_only:

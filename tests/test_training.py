@@ -182,6 +182,9 @@ RESUME_SETTINGS = {
     # leaves aggressive mode after epoch 2
     "aggressive": dict(method="aggressive", optim="adam", max_aggressive_epochs=2),
     "annealed": dict(method="anneal", optim="sgd", kl_start=0.1, warm_up=2),
+    # the noise-aware inner rule with MI checked twice an epoch (checks fall mid-epoch)
+    "noise-rule": dict(method="aggressive", optim="adam", inner_rule="noise", check_every=2, mi_checks_per_epoch=2,
+                       stop_rule="paper"),
 }
 
 
