@@ -92,7 +92,7 @@ def test_package_import_is_lazy_and_every_public_name_resolves():
     result = json.loads(run_python("-c", script).stdout)
     assert result["light"]
     expected = {
-        "AggressiveSVI", "InnerLoopStopper", "NoLocalLatentError", "MutualInformation", "active_units",
+        "AggressiveSVI", "Batches", "FitResult", "FitSettings", "InnerLoopStopper", "NoLocalLatentError", "MutualInformation", "active_units",
         "estimate_mutual_information", "evaluate", "fit", "iw_log_likelihood", "mutual_information",
         "to_inference_data",
     }
