@@ -12,6 +12,7 @@ from typing import Any, Callable, Hashable, Iterable, Iterator
 
 import torch
 
+from .batches import Batches
 from .sites import normalize_batch
 
 BatchCall = tuple[tuple, dict]
@@ -85,10 +86,11 @@ class SeenBatches:
 
 
 class GuideBatches:
-    """Fresh minibatches for inner steps: from a zero-argument callable or a (re-iterable) iterable."""
+    """Fresh minibatches for inner steps: a batch source's ``sample()`` (:class:`pyro_lag.batches.Batches`,
+    e.g. ``pyro_lag.data``'s), a zero-argument callable, or a (re-iterable) iterable, cycled."""
 
     def __init__(self, source: Callable[[], Any] | Iterable[Any]) -> None:
-        self._source = source
+        self._source = source.sample if isinstance(source, Batches) else source
         self._iterator: Iterator[Any] | None = None
 
     def next(self) -> tuple[tuple, dict]:

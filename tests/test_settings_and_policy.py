@@ -163,3 +163,17 @@ def test_fit_result_carries_the_posterior_mean_space_into_inference_data():
         assert back[label][0].tolist() == pytest.approx(model_means)
         assert back[label][1].tolist() == pytest.approx(guide_means)
     assert idata.attrs["kl"] == pytest.approx(result.test["kl"])
+
+
+def test_aggressive_svi_draws_inner_batches_from_a_batch_source():
+    from pyro_lag.seen_batches import GuideBatches
+
+    vocab = Vocabulary.from_sentences([["a", "b"], ["b", "c", "a"]])
+    corpus = TextCorpus.from_sentences([["a", "b"], ["b", "c", "a"], ["c", "a"], ["b"]], vocab)
+    source = TextBatches(corpus, 2, seed=4)
+    twin = TextBatches(corpus, 2, seed=4)
+    batches = GuideBatches(source)
+    for _ in range(3):
+        args, kwargs = batches.next()
+        expected = twin.sample()
+        assert kwargs == {} and all(torch.equal(a, b) for a, b in zip(args, expected))
