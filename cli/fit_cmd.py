@@ -32,6 +32,11 @@ from .scale_out import ACCELERATORS, STRATEGIES
                    "with the other side's latest norm (joint, cheaper), or each side alone (separate).")
 @click.option("--stop-rule", "stop_rule", type=click.Choice(("drop", "paper", "patience")),
               help="How validation MI ends aggressive mode (default: drop, noise-aware, for text; patience for images).")
+@click.option("--inner-rule", "inner_rule", type=click.Choice(("paper", "noise")),
+              help="When the guide-only inner loop stops: paper (windows of 15, about 50 steps) or noise (windows "
+                   "of 5, stop once the improvement is within noise; at least 10).")
+@click.option("--mi-checks", "mi_checks_per_epoch", type=click.IntRange(min=1),
+              help="Validation MI checks per epoch while aggressive (default 1): more let aggressive mode end sooner.")
 @click.option("--epochs", type=int, help="Training epochs (default: 50 synthetic, else 10).")
 @click.option("--batch-size", "batch_size", type=int, help="Batch size (default: 16 synthetic, 32 text, 50 images).")
 @click.option("--device", help="cpu or cuda.")
