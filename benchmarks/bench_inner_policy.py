@@ -32,6 +32,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "paper": ("aggressive", {"inner_rule": "paper", "mi_checks_per_epoch": 1}),  # the reference's policy
     "noise": ("aggressive", {"inner_rule": "noise", "mi_checks_per_epoch": 1}),
     "noise-mi4": ("aggressive", {"inner_rule": "noise", "mi_checks_per_epoch": 4}),
+    "paper-mi4": ("aggressive", {"inner_rule": "paper", "mi_checks_per_epoch": 4}),
+    "noise10": ("aggressive", {"inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 1}),
+    "noise10-mi4": ("aggressive", {"inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 4}),
 }
 
 

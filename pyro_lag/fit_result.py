@@ -17,10 +17,10 @@ class FitResult:
     """The outcome of a run.
 
     ``history``: one dict per epoch (epoch, train_loss, val_loss, elbo, recon, kl, mi,
-    mi_se, au, aggressive, inner_steps, kl_weight, lr, decayed, wall_time); ``test``: the
-    final test metrics of the best parameters (with ``iw_nll`` when asked for), or None
-    without test data; ``stopped``: why training ended; ``config``: the resolved settings
-    as plain data.
+    mi_se, au, aggressive (the epoch had aggressive steps), aggressive_steps, inner_steps,
+    kl_weight, lr, decayed, wall_time); ``test``: the final test metrics of the best
+    parameters (with ``iw_nll`` when asked for), or None without test data; ``stopped``: why
+    training ended; ``config``: the resolved settings as plain data.
     """
 
     history: list[dict[str, Any]]

@@ -120,20 +120,20 @@ class _Run:
         if bad_input is not None:
             raise ValueError(f"training batch {step + 1} of epoch {epoch + 1} holds NaN or infinite values in {bad_input}")
         self.faults.recorded.clear()
+        aggressive = self.svi.aggressive
         try:
             loss_value = float(self.svi.step(*args, **kwargs))
         except ValueError as exc:
             raise self.faults.invalid_distribution(epoch, step, exc) from None
         if not math.isfinite(loss_value) or not params_finite():
             raise self.faults.diverged(epoch, step, loss_value)
-        self.state.totals.add(loss_value, int(examples_in(args, kwargs)), self.svi.last_inner_steps)
+        self.state.totals.add(loss_value, int(examples_in(args, kwargs)), self.svi.last_inner_steps, aggressive)
         return loss_value
 
     def train_epoch(self, epoch: int) -> None:
         """The epoch's remaining steps, from ``state.step``, with mid-epoch checkpoints."""
         every, totals = self.settings.checkpoint_every, self.state.totals
-        started = time.perf_counter()
-        start = self.state.step
+        started, start = time.perf_counter(), self.state.step
         for offset, batch in enumerate(self.train.iter_from(epoch, start)):
             step = start + offset
             loss_value = self.step(epoch, step, batch)
@@ -177,7 +177,6 @@ class _Run:
         """Validate, update aggressive mode, best parameters and lr; record and checkpoint the epoch."""
         s, state, totals = self.settings, self.state, self.state.totals
         started = time.perf_counter()
-        aggressive = self.svi.aggressive
         metrics = self.evaluate(validation_batches(self.valid))
         mi, mi_se = metrics.get("mi"), metrics.get("mi_se")
         if self.svi.aggressive and mi is not None:
@@ -198,7 +197,8 @@ class _Run:
             "epoch": epoch + 1, "train_loss": totals.mean_loss, "val_loss": val_loss,
             "elbo": float(metrics["elbo"]), "recon": float(metrics["recon"]), "kl": float(metrics["kl"]),
             "mi": None if mi is None else float(mi), "mi_se": None if mi_se is None else float(mi_se),
-            "au": metrics.get("au"), "aggressive": aggressive, "inner_steps": totals.inner_per_step,
+            "au": metrics.get("au"), "aggressive": totals.aggressive_steps > 0,
+            "aggressive_steps": totals.aggressive_steps, "inner_steps": totals.inner_per_step,
             "kl_weight": self.kl_weight(), "lr": lr_used, "decayed": decayed,
             "wall_time": totals.time + time.perf_counter() - started,
         }

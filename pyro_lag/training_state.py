@@ -20,13 +20,15 @@ class EpochTotals:
     points: int = 0
     inner: int = 0  # guide-only steps
     steps: int = 0  # model steps
+    aggressive_steps: int = 0  # model steps taken in aggressive mode (an inner loop before each)
     time: float = 0.0  # seconds spent training so far
 
-    def add(self, loss: float, points: int, inner_steps: int) -> None:
+    def add(self, loss: float, points: int, inner_steps: int, aggressive: bool) -> None:
         self.loss += loss * points
         self.points += points
         self.inner += inner_steps
         self.steps += 1
+        self.aggressive_steps += int(aggressive)
 
     @property
     def mean_loss(self) -> float:

@@ -64,7 +64,7 @@ def test_lightning_settings_are_fit_settings():
 
 def test_training_state_round_trips_through_plain_data():
     state = TrainingState.start(0.5)
-    state.totals.add(2.0, 4, 7)
+    state.totals.add(2.0, 4, 7, True)
     state.history.append({"epoch": 1, "val_loss": 3.0})
     assert state.improves(3.0) and not state.improves(4.0)
     state.plateau.should_decay(FitSettings(lr_decay=0.5, decay_patience=1, decay_after=0), 0, 1e5)

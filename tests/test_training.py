@@ -92,7 +92,7 @@ def quick_fit(net, **kwargs):
 
 
 HISTORY_KEYS = {
-    "epoch", "train_loss", "val_loss", "elbo", "recon", "kl", "mi", "mi_se", "au", "aggressive",
+    "epoch", "train_loss", "val_loss", "elbo", "recon", "kl", "mi", "mi_se", "au", "aggressive", "aggressive_steps",
     "inner_steps", "kl_weight", "lr", "decayed", "wall_time",
 }
 
