@@ -28,8 +28,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "free-bits": ("free-bits", {"free_bits": 0.1}),
     "aggressive": ("aggressive", {}),
     "aggressive+anneal": ("aggressive", {"anneal": True}),
-    # the cheaper policy: the noise-aware inner rule, and validation MI checked 4 times an epoch
-    "aggressive-noise": ("aggressive", {"inner_rule": "noise", "mi_checks_per_epoch": 4}),
+    # aggressive mode ended sooner: validation MI checked 4 times an epoch (the paper's inner rule)
+    "aggressive-mi4": ("aggressive", {"mi_checks_per_epoch": 4}),
 }
 
 
@@ -37,7 +37,7 @@ def add_common_options(parser: argparse.ArgumentParser, *, out: str) -> None:
     """The options every Table 1 example shares (scale, rows, evaluation, device, parallel rows)."""
     parser.add_argument("--paper", action="store_true", help="all the data, the paper preset and schedule (use a GPU)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per row")
-    parser.add_argument("--rows", default=",".join(m for m in METHODS if m != "aggressive-noise"),
+    parser.add_argument("--rows", default=",".join(m for m in METHODS if m != "aggressive-mi4"),
                         help=f"comma-separated rows out of: {', '.join(METHODS)}")
     parser.add_argument("--iw-samples", type=int, default=500, help="importance samples per test point for IW-NLL")
     parser.add_argument("--device", default="cpu")
