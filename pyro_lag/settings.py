@@ -36,7 +36,27 @@ OPTIMS = ("sgd", "adam")
 
 @dataclass(frozen=True)
 class FitSettings:
-    """Every setting of a training run (see :func:`pyro_lag.fit` for what each does).
+    """Every setting of a training run.
+
+    - ``method``: ``aggressive``, ``standard``, ``anneal`` (KL weight from ``kl_start`` to 1
+      over ``warm_up`` epochs), ``beta`` (constant KL weight ``beta``), ``cyclical``
+      (``cycles`` ramps over ``cycle_ratio`` of each cycle) or ``free-bits`` (floor
+      ``free_bits`` nats per latent dimension); ``anneal=True`` adds annealing to
+      ``aggressive`` (the paper's "+ anneal" rows).
+    - ``kind``: ``text`` or ``image`` (``fit`` takes the model owner's ``.kind``); picks the
+      defaults of ``optim`` (SGD / Adam), ``lr`` (1.0 / 1e-3), ``stop_rule`` (``drop`` /
+      ``patience``) and the lr decay (after 2 epochs without improvement from epoch 16 / after 20).
+    - ``loss``: ``"exact"`` (closed-form KL, TraceMeanField_ELBO), ``"sampled"`` or an ELBO.
+    - ``clip_norm``, ``clip_scope``, ``stop_rule``, ``patience``, ``mi_noise``,
+      ``max_inner_steps``, ``inner_rule``, ``check_every``: as :class:`~pyro_lag.AggressiveSVI`'s.
+    - ``mi_checks_per_epoch``: validation MI checks (and stop-rule decisions) per epoch while
+      aggressive; more end aggressive mode sooner. ``max_aggressive_epochs`` ends it at the latest.
+    - ``mi_samples``: latent draws per validation point for the MI estimate.
+    - ``lr_decay``: on a plateau, multiply lr by this and reload the best parameters, at most
+      ``max_decays`` times, then stop (None: never).
+    - ``seed``: seeds every RNG at the start (None leaves them alone).
+    - ``checkpoint_every``: also write ``last.pt`` every this many steps within an epoch.
+    - ``iw_samples``, ``iw_chunk_size``: the final test pass's IW-NLL (0: none).
 
     Fields left None take the per-kind defaults in :meth:`resolved`. Settings marked
     ``resumable`` may differ when a run is resumed (more epochs, another evaluation); all
