@@ -83,9 +83,9 @@ def make_stopper(rule: str, check_every: int | None, max_steps: int) -> InnerLoo
     """A fresh stopper for one inner loop: ``rule`` is ``"paper"`` or ``"noise"``; ``check_every``
     None takes the rule's own window (15 or 5)."""
     if rule == "paper":
-        return InnerLoopStopper(check_every or 15, max_steps)
+        return InnerLoopStopper(15 if check_every is None else check_every, max_steps)
     if rule == "noise":
-        return NoiseAwareStopper(check_every or 5, max_steps)
+        return NoiseAwareStopper(5 if check_every is None else check_every, max_steps)
     raise ValueError(f"inner_rule must be one of {', '.join(INNER_RULES)}, got {rule!r}")
 
 
