@@ -8,6 +8,7 @@ Monte Carlo otherwise.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -22,6 +23,7 @@ from .mutual_information import (
     MutualInformation,
     terms_by_replay,
 )
+from .param_split import preserved_rng
 from .sites import Batch, Site, is_latent, point_log_prob, site_frame
 from .views import (
     View,
@@ -98,6 +100,16 @@ def estimate_mutual_information(
                 _add_mi(accumulator, guide, view_of(guide, batch, data_plate, model))
             accumulator.flush()
     return accumulator.result(num_samples)
+
+
+def quiet_mi_estimate(
+    guide: Callable, batches: Iterable[Batch], *, model: Callable | None = None, data_plate: str | None = None,
+    num_samples: int = 4,
+) -> MutualInformation:
+    """MI as a training loop checks it between steps: no draw from the training's random streams, no warning."""
+    with preserved_rng(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return estimate_mutual_information(guide, batches, model=model, data_plate=data_plate, num_samples=num_samples)
 
 
 def mutual_information(

@@ -57,3 +57,12 @@ def make_loss(loss: str | ELBO | None, model: Callable, guide: Callable, batch: 
         return Trace_ELBO()
     check_closed_form_kl(model, guide, *batch)
     return TraceMeanField_ELBO()
+
+
+def loss_item(loss: Any) -> Any:
+    """A loss (or a tuple of losses) as Python floats, as ``SVI.step`` returns it."""
+    from pyro.infer.util import torch_item
+
+    if isinstance(loss, tuple):
+        return type(loss)(map(torch_item, loss))
+    return torch_item(loss)

@@ -13,17 +13,17 @@ from typing import Any, Callable, Iterable
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, SVI
-from pyro.infer.util import torch_item, zero_grads
+from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from .clipping import CLIP_SCOPES, GradientClipper
 from .inner_loop import INNER_RULES, InnerLoopStopper, examples_in, make_stopper
+from .losses import loss_item
 from .param_split import (
     Override,
     ParamSplit,
     drop_grads,
     frozen,
-    preserved_rng,
     probe_param_split,
 )
 from .pyro_compat import without_compiled_functions
@@ -200,15 +200,11 @@ class AggressiveSVI(SVI):
         if self._steps_since_check < self.mi_every:
             return
         self._steps_since_check = 0
-        from .diagnostics import estimate_mutual_information
+        from .diagnostics import quiet_mi_estimate
 
         batches = self.mi_batches if self.mi_batches is not None else self._seen.most_seen()
         try:
-            with preserved_rng(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                estimate = estimate_mutual_information(
-                    self.guide, batches, model=self.model, data_plate=self.data_plate, num_samples=4
-                )
+            estimate = quiet_mi_estimate(self.guide, batches, model=self.model, data_plate=self.data_plate)
         except ValueError as error:  # a program shape the estimator refuses: say so, train on
             self.stop_aggressive(f"MI cannot be estimated on this program ({error}); trained as plain SVI since")
             return
@@ -351,7 +347,7 @@ class AggressiveSVI(SVI):
             self._apply(self.optim, model_side)
             self._apply(self.guide_optim, guide_side)
         zero_grads(params.values())
-        return _item(loss)
+        return loss_item(loss)
 
     def _one_sided_step(self, side: str, args: tuple, kwargs: dict) -> Any:
         """A guide-only (``side="guide"``) or model-only step: the other side is frozen unless the
@@ -376,7 +372,7 @@ class AggressiveSVI(SVI):
         optim = self.optim if side == "model" else (self.guide_optim or self.optim)
         self._apply(optim, stepped)
         drop_grads(params.values())
-        return _item(loss)
+        return loss_item(loss)
 
     def inner_step(self, *args: Any, **kwargs: Any) -> float:
         """One guide-only step: model parameters are frozen, so no gradient is computed for them."""
@@ -401,8 +397,3 @@ class AggressiveSVI(SVI):
             else:
                 batch_args, batch_kwargs = self._seen.draw(args, kwargs)
 
-
-def _item(loss: Any) -> Any:
-    if isinstance(loss, tuple):
-        return type(loss)(map(torch_item, loss))
-    return torch_item(loss)

@@ -19,13 +19,12 @@ import torch
 from .batches import as_batches, to_device, validation_batches
 from .callbacks import Callbacks
 from .checkpoint import plain_data
-from .diagnostics import estimate_mutual_information, evaluate
+from .diagnostics import evaluate, quiet_mi_estimate
 from .divergence import FaultDiagnosis, TrainingDivergedError, nonfinite_argument, params_finite
 from .fit_result import FitResult
 from .inner_loop import examples_in
 from .losses import make_loss
 from .no_latent import exact_metrics, latent_sites
-from .param_split import preserved_rng
 from .programs import InnerUnits, make_optim, modules_of, training_programs
 from .settings import METHODS, FitSettings
 from .sites import normalize_batch
@@ -161,9 +160,8 @@ class _Run:
 
     def check_mi(self) -> None:
         """Estimate validation MI now (drawing nothing from the training streams) and apply the stop rule."""
-        with preserved_rng():
-            mi = estimate_mutual_information(self.guide, validation_batches(self.valid), model=self.model,
-                                             num_samples=self.settings.mi_samples)
+        mi = quiet_mi_estimate(self.guide, validation_batches(self.valid), model=self.model,
+                               num_samples=self.settings.mi_samples)
         self.svi.observe_mi(mi.value, mi.se)
 
     def evaluate(self, batches: Any, iw_samples: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
