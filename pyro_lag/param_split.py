@@ -3,14 +3,11 @@
 Many real Pyro programs register one module in both model and guide (Pyro's deep Markov
 model calls ``pyro.module`` on the whole network in both), so ownership is read from the
 autograd graph: phi feeds log q(z|x), theta feeds log p(x, z) with z held fixed.
-A one-sided step then computes one side's gradients only (:func:`gradients_only_for`).
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import fnmatch
-import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -223,70 +220,25 @@ def probe_param_split(
     return split
 
 
-class BackwardSelection:
-    """The leaves that backward passes inside :func:`gradients_only_for` differentiate, and how
-    many passes took them (0 after the block: no backward pass went through ``Tensor.backward``)."""
-
-    def __init__(self, select: Callable[[], list[torch.Tensor]]) -> None:
-        self.select = select
-        self.applied = 0
-
-
-_SELECTION_ATTRIBUTE = "_pyro_lag_backward_selection"
-
-
-def _selection_variable() -> contextvars.ContextVar[BackwardSelection | None]:
-    """The context variable the installed ``torch.Tensor.backward`` wrapper reads; installs it on first use.
-
-    The wrapper (one per process, found again through an attribute of its own) gives a
-    ``backward()`` call without ``inputs`` the selected leaves as ``inputs`` while a selection
-    is set, and passes every other call on unchanged. Pyro's losses call ``backward()``
-    themselves, so this is where a one-sided step can say which gradients it needs.
-    """
-    variable = getattr(torch.Tensor.backward, _SELECTION_ATTRIBUTE, None)
-    if variable is not None:
-        return variable
-    original = torch.Tensor.backward
-    variable = contextvars.ContextVar("pyro_lag_backward_selection", default=None)
-
-    @functools.wraps(original)
-    def backward(self, *args, **kwargs):
-        selection = variable.get()
-        if selection is not None and kwargs.get("inputs") is None and (len(args) < 4 or args[3] is None):
-            selection.applied += 1
-            inputs = selection.select()
-            if not inputs:  # none of the selected leaves takes part: there is nothing to compute
-                return None
-            if len(args) >= 4:  # gradient, retain_graph, create_graph, inputs: given by position
-                args = (*args[:3], inputs, *args[4:])
-            else:
-                kwargs = {**kwargs, "inputs": inputs}
-        return original(self, *args, **kwargs)
-
-    setattr(backward, _SELECTION_ATTRIBUTE, variable)
-    torch.Tensor.backward = backward  # type: ignore[method-assign]
-    return variable
-
-
 @contextlib.contextmanager
-def gradients_only_for(select: Callable[[], list[torch.Tensor]]) -> Iterator[BackwardSelection]:
-    """Backward passes in the block compute the gradients of ``select()``'s leaves only.
+def frozen(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Turn off gradients of these leaf tensors for the block, so autograd never computes them.
 
-    A one-sided step needs one side's gradients; autograd skips every part of the graph
-    that leads only to the other side (``backward(inputs=...)``). The other side's
-    parameters keep ``requires_grad``, so the forward pass runs the kernels of a joint
-    step: frozen weights (``requires_grad=False``) send some layers down slower paths (a
-    ``Linear`` on a batch-first LSTM's output becomes a batched matmul on CPU). ``select``
-    is called at each backward pass, once the loss has read every parameter. A loss that
-    differentiates without ``Tensor.backward`` is not restricted: ``applied`` stays 0.
+    ``pyro.module`` skips frozen parameters and warns about it; that warning is ours to
+    silence, since freezing them is the point.
     """
-    variable = _selection_variable()
-    selection = BackwardSelection(select)
-    token = variable.set(selection)
+    switched = [t for t in tensors if t.requires_grad]
+    for t in switched:
+        t.requires_grad_(False)
     try:
-        yield selection
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r".*not registered in the param store because requires_grad=False"
+            )
+            yield
     finally:
-        variable.reset(token)
+        for t in switched:
+            t.requires_grad_(True)
 
 
 def drop_grads(params: Iterable[torch.Tensor]) -> None:

@@ -6,7 +6,6 @@ Once aggressive mode ends (see ``observe_mi``), ``step`` is a plain joint SVI st
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import warnings
 from typing import Any, Callable, Iterable
@@ -14,20 +13,20 @@ from typing import Any, Callable, Iterable
 import torch
 from pyro import poutine
 from pyro.infer import ELBO, SVI
-from pyro.infer.util import torch_item, zero_grads
+from pyro.infer.util import zero_grads
 from pyro.optim import PyroOptim
 
 from .clipping import CLIP_SCOPES, GradientClipper
 from .inner_loop import INNER_RULES, InnerLoopStopper, examples_in, make_stopper
+from .losses import loss_item
 from .param_split import (
     Override,
     ParamSplit,
     drop_grads,
-    gradients_only_for,
-    preserved_rng,
+    frozen,
     probe_param_split,
 )
-from .pyro_compat import validation_disabled, validation_is_enabled, without_compiled_functions
+from .pyro_compat import without_compiled_functions
 from .seen_batches import GuideBatches, SeenBatches
 from .sites import site_value
 from .stop_rules import STOP_RULES, MIStopRule
@@ -79,9 +78,6 @@ class AggressiveSVI(SVI):
     :param aggressive: start in aggressive mode (default True). A program with nothing that can
         lag (no local latent, no model parameter, or no guide parameter of its own) trains
         exactly as under ``pyro.infer.SVI`` from its first step; :attr:`plain_reason` says why.
-
-    Pyro's validation, when on, checks the first step, every model step and the first inner
-    step of each inner loop; the later inner steps run the same program without it.
     """
 
     def __init__(
@@ -121,8 +117,6 @@ class AggressiveSVI(SVI):
             raise ValueError("guide_optim must be a pyro.optim.PyroOptim, like optim")
         if mi_every is not None and (not isinstance(mi_every, int) or mi_every < 1):
             raise ValueError(f"mi_every must be a positive integer or None, got {mi_every!r}")
-        if check_every is not None and check_every < 1:
-            raise ValueError(f"check_every must be a positive integer or None, got {check_every!r}")
         make_stopper(inner_rule, check_every, max_inner_steps)  # validates the rule and the two counts
         self.inner_rule = inner_rule
         self.rule = MIStopRule(stop_rule, patience, mi_noise)
@@ -206,15 +200,11 @@ class AggressiveSVI(SVI):
         if self._steps_since_check < self.mi_every:
             return
         self._steps_since_check = 0
-        from .diagnostics import estimate_mutual_information
+        from .diagnostics import quiet_mi_estimate
 
         batches = self.mi_batches if self.mi_batches is not None else self._seen.most_seen()
         try:
-            with preserved_rng(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                estimate = estimate_mutual_information(
-                    self.guide, batches, model=self.model, data_plate=self.data_plate, num_samples=4
-                )
+            estimate = quiet_mi_estimate(self.guide, batches, model=self.model, data_plate=self.data_plate)
         except ValueError as error:  # a program shape the estimator refuses: say so, train on
             self.stop_aggressive(f"MI cannot be estimated on this program ({error}); trained as plain SVI since")
             return
@@ -277,31 +267,15 @@ class AggressiveSVI(SVI):
         return self._step_losses[kind]
 
     def _loss_and_grads(
-        self, args: tuple, kwargs: dict, kind: str = "joint", without: Iterable[torch.Tensor] = ()
+        self, args: tuple, kwargs: dict, kind: str = "joint"
     ) -> tuple[Any, dict[str, torch.Tensor]]:
-        """The loss, with gradients in the ``.grad`` of the parameters it read, by name.
-
-        ``without``: parameters whose gradients are not computed (the other side of a one-sided
-        step); they are left out of the result, as if the program had not read them.
-        """
-        without = list(without)
-        excluded = {id(t) for t in without}
         with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
             if kind != "joint":  # a JIT loss traces once per kind: its tracer warnings were shown already
                 warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            loss_and_grads = self._loss_for(kind)
-            if excluded:
-                with gradients_only_for(lambda: _leaves(capture.trace, excluded)) as selection:
-                    loss = loss_and_grads(self.model, self.guide, *args, **kwargs)
-                if not selection.applied:  # differentiated some other way: what it gave the other side goes
-                    drop_grads(without)
-            else:
-                loss = loss_and_grads(self.model, self.guide, *args, **kwargs)
-        params = {}
-        for name, site in capture.trace.nodes.items():
-            tensor = site_value(site).unconstrained()
-            if id(tensor) not in excluded:
-                params[name] = tensor
+            loss = self._loss_for(kind)(self.model, self.guide, *args, **kwargs)
+        params = {
+            name: site_value(site).unconstrained() for name, site in capture.trace.nodes.items()
+        }
         self._reduce_grads(list(params.values()))
         return loss, params
 
@@ -373,21 +347,19 @@ class AggressiveSVI(SVI):
             self._apply(self.optim, model_side)
             self._apply(self.guide_optim, guide_side)
         zero_grads(params.values())
-        return _item(loss)
+        return loss_item(loss)
 
     def _one_sided_step(self, side: str, args: tuple, kwargs: dict) -> Any:
-        """A guide-only (``side="guide"``) or model-only step: the other side's gradients are not
-        computed unless the clipping scope needs their norm, and only ``side``'s parameters are stepped."""
+        """A guide-only (``side="guide"``) or model-only step: the other side is frozen unless the
+        clipping scope needs its gradient norm, and only ``side``'s parameters are stepped."""
         split = self._split if self._split is not None else self.split_params(*args, **kwargs)
         if side == "guide":
             other_side = list(split.model.values())
         else:
             other_side = list(split.guide.values()) + list(split.other.values())
         both = self.clipper.needs_other_side(side)
-        if both:
-            loss, params = self._loss_and_grads(args, kwargs)
-        else:
-            loss, params = self._loss_and_grads(args, kwargs, "inner" if side == "guide" else "model", other_side)
+        with frozen([] if both else other_side):
+            loss, params = self._loss_and_grads(args, kwargs, "joint" if both else ("inner" if side == "guide" else "model"))
         if not split.known(params):
             split = self.split_params(*args, **kwargs)
 
@@ -400,33 +372,22 @@ class AggressiveSVI(SVI):
         optim = self.optim if side == "model" else (self.guide_optim or self.optim)
         self._apply(optim, stepped)
         drop_grads(params.values())
-        return _item(loss)
+        return loss_item(loss)
 
     def inner_step(self, *args: Any, **kwargs: Any) -> float:
-        """One guide-only step: no gradient is computed for the model's parameters."""
+        """One guide-only step: model parameters are frozen, so no gradient is computed for them."""
         return self._one_sided_step("guide", args, kwargs)
 
     def _model_step(self, args: tuple, kwargs: dict) -> Any:
         return self._one_sided_step("model", args, kwargs)
 
     def _inner_loop(self, args: tuple, kwargs: dict) -> int:
-        """Guide-only steps until the stop rule ends the loop; returns how many were taken.
-
-        Pyro's validation (when on) checks the loop's first step, on the step's own batch,
-        as it checks every model step; the later steps, the same program on batches of the
-        same kind, run without it. Its checks cost a pass over every distribution argument
-        (a ``[batch, length, vocabulary]`` logits tensor for text) at each step.
-        """
         stopper = make_stopper(self.inner_rule, self.check_every, self.max_inner_steps)
         if self.guide_batches is None or self._checks_mi_by_itself():
             self._seen.add(args, kwargs)
         batch_args, batch_kwargs = args, kwargs
-        unvalidated = validation_disabled if validation_is_enabled() else contextlib.nullcontext
-        first = True
         while True:
-            with contextlib.nullcontext() if first else unvalidated():
-                loss = self.inner_step(*batch_args, **batch_kwargs)
-            first = False
+            loss = self.inner_step(*batch_args, **batch_kwargs)
             units = self.inner_loss_normalizer(batch_args, batch_kwargs)
             weight, count = units if isinstance(units, tuple) else (1.0, units)
             if stopper.update(*self._reduce_inner_loss(float(loss) * weight, count)):
@@ -436,18 +397,3 @@ class AggressiveSVI(SVI):
             else:
                 batch_args, batch_kwargs = self._seen.draw(args, kwargs)
 
-
-def _leaves(trace: Any, excluded: set[int]) -> list[torch.Tensor]:
-    """The unconstrained parameters a param-only trace has seen so far, less ``excluded`` (by id)."""
-    leaves: dict[int, torch.Tensor] = {}
-    for site in trace.nodes.values():
-        tensor = site_value(site).unconstrained()
-        if id(tensor) not in excluded and tensor.requires_grad:
-            leaves.setdefault(id(tensor), tensor)
-    return list(leaves.values())
-
-
-def _item(loss: Any) -> Any:
-    if isinstance(loss, tuple):
-        return type(loss)(map(torch_item, loss))
-    return torch_item(loss)
