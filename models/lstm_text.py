@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.distributions import Distribution, constraints
+from torch.distributions import Distribution
+
+from pyro_lag.distributions import NextTokenCategorical
 
 from .base import LatentPair, expand_data, flatten_latent, rand
 
@@ -29,48 +29,6 @@ def _init_uniform(module: nn.Module, weight_range: float, embed_range: float) ->
         for m in module.modules():
             if isinstance(m, nn.Embedding):
                 m.weight.uniform_(-embed_range, embed_range)
-
-
-class NextTokenCategorical(dist.TorchDistribution):
-    """Categorical over the vocabulary scored with one fused ``cross_entropy`` call.
-
-    ``dist.Categorical(logits=...)`` normalises all ``[.., V]`` logits when built and then
-    gathers; for a 10k-word vocabulary that is a large share of a training step. This
-    distribution keeps the raw logits and computes ``log_prob`` as ``-cross_entropy``,
-    which gives the same values (to rounding) in one pass. Sampling goes through
-    ``torch.distributions.Categorical``.
-    """
-
-    # The logits are not validated: checking a [B, T, V] tensor for NaN costs as much as a
-    # tenth of a training step, and a NaN there surfaces as a NaN loss, which fit reports.
-    # Observed tokens are still checked against the vocabulary when validation is on.
-    arg_constraints: dict = {}
-    has_enumerate_support = False
-
-    def __init__(self, logits: torch.Tensor, validate_args: bool | None = None) -> None:
-        if logits.dim() < 1:
-            raise ValueError("logits must have at least one dimension (the vocabulary)")
-        self.logits = logits
-        super().__init__(batch_shape=logits.shape[:-1], validate_args=validate_args)
-
-    @constraints.dependent_property(is_discrete=True, event_dim=0)
-    def support(self):
-        return constraints.integer_interval(0, self.logits.shape[-1] - 1)
-
-    def expand(self, batch_shape, _instance=None) -> "NextTokenCategorical":
-        batch_shape = torch.Size(batch_shape)
-        return NextTokenCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]))
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        shape = torch.broadcast_shapes(value.shape, self.batch_shape)
-        logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.shape[-1])
-        nll = F.cross_entropy(logits, value.expand(shape).reshape(-1), reduction="none")
-        return -nll.reshape(shape)
-
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        return torch.distributions.Categorical(logits=self.logits).sample(sample_shape)
 
 
 class LSTMEncoder(nn.Module):

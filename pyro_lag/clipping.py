@@ -58,14 +58,17 @@ class GradientClipper:
             torch.nn.utils.clip_grad_norm_(with_grad, self.max_norm)
 
     def clip_side(self, side: str, stepped: list[torch.Tensor], other: list[torch.Tensor]) -> None:
-        """Clip the gradients of ``stepped`` (one side); ``other`` holds the other side's, when computed."""
+        """Clip the gradients of ``stepped`` (one side); ``other`` holds the other side's, when computed.
+        Without clipping there is nothing to do (the norms are kept for clipping only)."""
+        if self.max_norm is None:
+            return
         own = grad_norm(stepped)
         other_norm = grad_norm(other)
         if own is not None:
             self.last_norm[side] = own
         if other_norm is not None:
             self.last_norm[_other(side)] = other_norm
-        if self.max_norm is None or own is None:
+        if own is None:
             return
         if self.scope == "separate":
             total = own

@@ -1,13 +1,20 @@
 """Every use of Pyro internals, in one place: what to check when Pyro is upgraded.
 
 Each function wraps one private attribute or method; each was checked against the Pyro
-version named in its docstring. Nothing else in pyro_lag reaches behind Pyro's public API.
+(or torch) version named in its docstring. Nothing else in pyro_lag reaches behind Pyro's
+public API.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import pyro
+import pyro.distributions
+import pyro.infer
+import pyro.poutine
+import torch
 from pyro.infer import ELBO
 from pyro.ops.jit import CompiledFunction
 from pyro.optim import PyroOptim
@@ -37,3 +44,35 @@ def pending_optim_state(optim: PyroOptim) -> dict[str, Any]:
     """Optimizer states restored into a PyroOptim but not yet given to a parameter
     (``PyroOptim._state_waiting_to_be_consumed``, private; checked against Pyro 1.9.2)."""
     return dict(optim._state_waiting_to_be_consumed)
+
+
+def _validation_flags() -> tuple[bool, bool, bool, bool]:
+    """Pyro's three validation flags (distributions, inference, poutine) and torch's default for
+    distribution arguments (``Distribution._validate_args``, private; checked against torch 2.13)."""
+    return (
+        pyro.distributions.is_validation_enabled(),
+        pyro.infer.is_validation_enabled(),
+        pyro.poutine.is_validation_enabled(),
+        bool(torch.distributions.Distribution._validate_args),
+    )
+
+
+def validation_is_enabled() -> bool:
+    """Whether any of Pyro's or torch's validation checks would run now."""
+    return any(_validation_flags())
+
+
+@contextlib.contextmanager
+def validation_disabled() -> Iterator[None]:
+    """Pyro's validation and torch's distribution argument checks off for the block, then each
+    flag restored as it was (``pyro.validation_enabled`` would restore torch's default from
+    Pyro's own flag, which can differ from torch's)."""
+    dist_flag, infer_flag, poutine_flag, torch_flag = _validation_flags()
+    pyro.enable_validation(False)
+    try:
+        yield
+    finally:
+        pyro.distributions.enable_validation(dist_flag)
+        pyro.infer.enable_validation(infer_flag)
+        pyro.poutine.enable_validation(poutine_flag)
+        torch.distributions.Distribution.set_default_validate_args(torch_flag)

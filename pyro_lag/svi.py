@@ -6,8 +6,8 @@ Once aggressive mode ends (see ``observe_mi``), ``step`` is a plain joint SVI st
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import warnings
 from typing import Any, Callable, Iterable
 
 import torch
@@ -19,14 +19,9 @@ from pyro.optim import PyroOptim
 from .clipping import CLIP_SCOPES, GradientClipper
 from .inner_loop import INNER_RULES, InnerLoopStopper, examples_in, make_stopper
 from .losses import loss_item
-from .param_split import (
-    Override,
-    ParamSplit,
-    drop_grads,
-    frozen,
-    probe_param_split,
-)
-from .pyro_compat import without_compiled_functions
+from .one_sided import differentiable_loss_of, loss_and_grads_without
+from .param_split import Override, ParamSplit, drop_grads, probe_param_split
+from .pyro_compat import validation_disabled, validation_is_enabled, without_compiled_functions
 from .seen_batches import GuideBatches, SeenBatches
 from .sites import site_value
 from .stop_rules import STOP_RULES, MIStopRule
@@ -141,8 +136,9 @@ class AggressiveSVI(SVI):
         self._user_observes = False
         self._steps_since_check = 0
         self._split: ParamSplit | None = None
-        # Inner and model-only steps freeze different parameters; a JIT loss compiles the set of
-        # parameters it sees, so each kind of step gets its own copy of the ELBO object.
+        # One-sided steps take Pyro's own loss apart (see one_sided) or freeze the other side; a JIT
+        # loss compiles the parameters it sees, so each kind of step gets its own copy of the ELBO.
+        self._differentiable_loss = differentiable_loss_of(loss, loss_and_grads)
         self._elbo = loss if isinstance(loss, ELBO) and loss_and_grads is None else None
         self._loss_object = loss
         self._step_losses: dict[str, Callable] = {}
@@ -212,15 +208,10 @@ class AggressiveSVI(SVI):
 
     def state_dict(self) -> dict:
         """The small state a checkpoint needs to resume the schedule (optimizer states live in the optims)."""
-        return {
-            "aggressive": self.aggressive,
-            "mi_history": list(self.mi_history),
-            "mi_se_history": list(self.mi_se_history),
-            "rule": self.rule.state_dict(),
-            "clip_norms": self.clipper.state_dict(),
-            "last_inner_steps": self.last_inner_steps,
-            "stop_reason": self.stop_reason,
-        }
+        return {"aggressive": self.aggressive, "mi_history": list(self.mi_history),
+                "mi_se_history": list(self.mi_se_history), "rule": self.rule.state_dict(),
+                "clip_norms": self.clipper.state_dict(), "last_inner_steps": self.last_inner_steps,
+                "stop_reason": self.stop_reason}
 
     def load_state_dict(self, state: dict) -> None:
         self.aggressive = bool(state["aggressive"])
@@ -267,15 +258,18 @@ class AggressiveSVI(SVI):
         return self._step_losses[kind]
 
     def _loss_and_grads(
-        self, args: tuple, kwargs: dict, kind: str = "joint"
+        self, args: tuple, kwargs: dict, kind: str = "joint", without: Iterable[torch.Tensor] = ()
     ) -> tuple[Any, dict[str, torch.Tensor]]:
-        with poutine.trace(param_only=True) as capture, warnings.catch_warnings():
-            if kind != "joint":  # a JIT loss traces once per kind: its tracer warnings were shown already
-                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            loss = self._loss_for(kind)(self.model, self.guide, *args, **kwargs)
-        params = {
-            name: site_value(site).unconstrained() for name, site in capture.trace.nodes.items()
-        }
+        """The loss, with gradients in the ``.grad`` of the parameters it read, by name; ``without``
+        (a one-sided step's other side) gets no gradient and is left out, as if not read."""
+        without = list(without)
+        if without:
+            loss, params = loss_and_grads_without(without, self._differentiable_loss, self._loss_for(kind),
+                                                  self.model, self.guide, args, kwargs)
+        else:
+            with poutine.trace(param_only=True) as capture:
+                loss = self._loss_for(kind)(self.model, self.guide, *args, **kwargs)
+            params = {name: site_value(site).unconstrained() for name, site in capture.trace.nodes.items()}
         self._reduce_grads(list(params.values()))
         return loss, params
 
@@ -350,16 +344,16 @@ class AggressiveSVI(SVI):
         return loss_item(loss)
 
     def _one_sided_step(self, side: str, args: tuple, kwargs: dict) -> Any:
-        """A guide-only (``side="guide"``) or model-only step: the other side is frozen unless the
-        clipping scope needs its gradient norm, and only ``side``'s parameters are stepped."""
+        """A guide-only (``side="guide"``) or model-only step: the other side's gradients are not
+        computed unless the clipping scope needs their norm; only ``side``'s parameters are stepped."""
         split = self._split if self._split is not None else self.split_params(*args, **kwargs)
         if side == "guide":
             other_side = list(split.model.values())
         else:
             other_side = list(split.guide.values()) + list(split.other.values())
-        both = self.clipper.needs_other_side(side)
-        with frozen([] if both else other_side):
-            loss, params = self._loss_and_grads(args, kwargs, "joint" if both else ("inner" if side == "guide" else "model"))
+        without = [] if self.clipper.needs_other_side(side) else other_side  # joint-exact clipping: both sides
+        kind = ("inner" if side == "guide" else "model") if without else "joint"
+        loss, params = self._loss_and_grads(args, kwargs, kind, without)
         if not split.known(params):
             split = self.split_params(*args, **kwargs)
 
@@ -375,19 +369,26 @@ class AggressiveSVI(SVI):
         return loss_item(loss)
 
     def inner_step(self, *args: Any, **kwargs: Any) -> float:
-        """One guide-only step: model parameters are frozen, so no gradient is computed for them."""
+        """One guide-only step: no gradient is computed for the model's parameters."""
         return self._one_sided_step("guide", args, kwargs)
 
     def _model_step(self, args: tuple, kwargs: dict) -> Any:
         return self._one_sided_step("model", args, kwargs)
 
     def _inner_loop(self, args: tuple, kwargs: dict) -> int:
+        """Guide-only steps until the stop rule ends the loop; returns how many were taken.
+
+        Pyro's validation, when on, checks the loop's first step and every model step; later steps,
+        the same program on batches of the same data, skip its pass over every distribution argument.
+        """
         stopper = make_stopper(self.inner_rule, self.check_every, self.max_inner_steps)
         if self.guide_batches is None or self._checks_mi_by_itself():
             self._seen.add(args, kwargs)
         batch_args, batch_kwargs = args, kwargs
+        unchecked = validation_disabled if validation_is_enabled() else contextlib.nullcontext
         while True:
-            loss = self.inner_step(*batch_args, **batch_kwargs)
+            with contextlib.nullcontext() if stopper.steps == 0 else unchecked():
+                loss = self.inner_step(*batch_args, **batch_kwargs)
             units = self.inner_loss_normalizer(batch_args, batch_kwargs)
             weight, count = units if isinstance(units, tuple) else (1.0, units)
             if stopper.update(*self._reduce_inner_loss(float(loss) * weight, count)):
