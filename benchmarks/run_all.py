@@ -28,6 +28,7 @@ BENCHMARKS = {
     "aggressive_vs_standard": "bench_aggressive_vs_standard.py",
     "pyro_overhead": "bench_pyro_overhead.py",
     "diagnostics": "bench_diagnostics.py",
+    "user_model": "bench_user_model.py",
 }
 
 
@@ -103,6 +104,16 @@ def _rows(name: str, r: dict[str, Any]) -> list[list[str]]:
             [f"IW-NLL, K = {iw['num_samples']}: data points per second", f"{iw['pyro_points_per_s']:.2f}",
              f"reference loop: {iw['reference_points_per_s']:.2f}", "", "", device],
             ["IW-NLL time, pyro_lag / reference", *_ratio_cells(iw["pyro_over_reference_time"]), "", "", device],
+        ]
+    if name == "user_model":
+        return [
+            ["AggressiveSVI / paper's loop, per model step, user-written model (Categorical)",
+             *_ratio_cells(r["aggressive_over_paper_loop"]), "<= 0.8", _met(r["target_met"]), device],
+            ["the same with NextTokenCategorical", *_ratio_cells(r["aggressive_fused_over_paper_loop"]), "", "", device],
+            ["user model: inner step / physical cost, same densities", *_ratio_cells(r["inner_over_physical_user_densities"]), "", "", device],
+            ["user model: physical inner step / paper's inner step", *_ratio_cells(r["physical_over_paper_inner"]), "", "", device],
+            ["user model: fused / Categorical likelihood, per model step", *_ratio_cells(r["fused_over_user_likelihood_model_step"]), "", "", device],
+            ["user model: Pyro SVI step / plain PyTorch step", *_ratio_cells(r["svi_over_raw_step"]), "", "", device],
         ]
     return []
 
