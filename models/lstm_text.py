@@ -77,8 +77,8 @@ class LSTMDecoder(nn.Module):
         if state is None:
             state = self.init_state(z, n, tokens.device)
         out, state = self.lstm(emb, state)
-        # A batch_first LSTM output is a transposed view; a frozen pred_linear (AggressiveSVI's
-        # inner steps) on it takes a slow batched-matmul path on CPU, so make it contiguous.
+        # A batch_first LSTM output is a transposed view; a frozen pred_linear (inner steps of losses
+        # AggressiveSVI cannot take apart) on it takes a slow batched-matmul path on CPU: contiguous.
         return self.pred_linear(self.dropout_out(out.contiguous())), state
 
 
