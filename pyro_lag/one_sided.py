@@ -69,5 +69,6 @@ def loss_and_grads_without(
     if differentiable_loss is not None:
         inputs = list({id(t): t for t in params.values() if t.requires_grad}.values())
         if inputs and torch.is_tensor(loss) and loss.requires_grad:
-            torch.autograd.backward(loss, inputs=inputs)
+            elbo = getattr(differentiable_loss, "__self__", None)  # its retain_graph, as its loss_and_grads
+            torch.autograd.backward(loss, inputs=inputs, retain_graph=getattr(elbo, "retain_graph", None))
     return loss, params
