@@ -3,11 +3,19 @@
     python benchmarks/side_by_side.py --setting ptb-small --seeds 783435,1,2 --epochs 3
     python benchmarks/side_by_side.py --table benchmarks/results/side_by_side_ptb_small.json \\
         --reference /path/to/reference_ptb_small.json
+    python benchmarks/side_by_side.py --seeds 783435 --epochs 1 --methods aggressive --save-states states/
+    python benchmarks/side_by_side.py --load-state states/aggressive_783435_e1.pt --label "from epoch 1" \\
+        --methods standard --epochs 2 --seeds 11,12,13 --out continued.json
 
 Per epoch and seed: validation KL, MI (with its standard error), AU, -ELBO, the mean number
 of inner (guide-only) steps per model step, and wall time; written as JSON records with
 the same keys the reference runs are recorded with, so ``--table`` can print both side by
 side (mean, min and max over seeds).
+
+``--save-states`` writes the model's ``state_dict`` after every epoch and ``--load-state`` starts
+from one, so a state reached by one implementation can be trained on by the other (the
+reference's module names are the same; keys the model does not have are ignored and named).
+That separates what an aggressive epoch leaves behind from what the plain epochs after it do.
 """
 from __future__ import annotations
 
@@ -21,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pyro_lag.models.lstm_text import LSTMTextVAE
 
 from pyro_lag import fit
 from pyro_lag.data import TextBatches, TextCorpus, Vocabulary
 from pyro_lag.data.text import read_sentences
-from pyro_lag.models.lstm_text import LSTMTextVAE
 
 PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 
@@ -60,20 +68,56 @@ def load(setting: Setting, folder: Path) -> tuple[Vocabulary, dict[str, TextCorp
     return vocab, {split: TextCorpus.from_sentences(s, vocab) for split, s in slices.items()}
 
 
-def run(setting: Setting, method: str, seed: int, epochs: int, folder: Path, options: dict[str, Any]) -> list[dict]:
+@dataclass(frozen=True)
+class States:
+    """Where a run starts from (a saved ``state_dict``) and where it saves one after every epoch."""
+
+    load: Path | None = None
+    save: Path | None = None
+    label: str | None = None
+
+    def start(self, pair: LSTMTextVAE) -> None:
+        if self.load is None:
+            return
+        state = torch.load(self.load, map_location="cpu")
+        own = pair.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise SystemExit(f"{self.load} has no {missing[0]} (and {len(missing) - 1} more): not a state of this model")
+        ignored = sorted(set(state) - set(own))
+        if ignored:
+            print(f"{self.load}: ignoring {', '.join(ignored)}", flush=True)
+        pair.load_state_dict({k: state[k] for k in own})
+
+    def saver(self, pair: LSTMTextVAE, method: str, seed: int) -> list[Any]:
+        if self.save is None:
+            return []
+        self.save.mkdir(parents=True, exist_ok=True)
+        folder = self.save
+
+        def save(row: dict) -> None:
+            torch.save(pair.state_dict(), folder / f"{method}_{seed}_e{row['epoch']}.pt")
+
+        return [save]
+
+
+def run(setting: Setting, method: str, seed: int, epochs: int, folder: Path, options: dict[str, Any],
+        states: States = States()) -> list[dict]:
     """One training run; one record per epoch."""
     vocab, corpora = load(setting, folder)
     torch.manual_seed(seed)
     pair = LSTMTextVAE(len(vocab), **setting.model)
+    states.start(pair)
     train = TextBatches(corpora["train"], setting.batch_size, seed=seed)
     valid = TextBatches(corpora["valid"], setting.batch_size, shuffle=False)
     started = time.perf_counter()
     result = fit(pair.model, pair.guide, train, valid, method=method, epochs=epochs, kind="text", seed=seed,
-                 **{**setting.fit, **options})
+                 callbacks=states.saver(pair, method, seed), **{**setting.fit, **options})
+    side = "pyro-lag" if states.label is None else f"pyro-lag ({states.label})"
     records = []
     for row in result.history:
         records.append({
-            "side": "pyro-lag", "method": method, "seed": seed, "epoch": row["epoch"], "kl": row["kl"],
+            "side": side, "method": method, "seed": seed, "epoch": row["epoch"], "kl": row["kl"],
             "mi": row["mi"], "mi_se": row.get("mi_se"), "au": row["au"], "neg_elbo": row["val_loss"],
             "inner_steps_per_step": row["inner_steps"] if row["aggressive"] else None,
             "wall_s": row["wall_time"], "aggressive": row["aggressive"],
@@ -113,6 +157,9 @@ def main() -> None:
     parser.add_argument("--loss", default="exact", help="exact (closed-form KL) or sampled")
     parser.add_argument("--clip-scope", default="joint-exact", help="joint-exact, joint or separate")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-states", type=Path, help="save the model's state_dict here after every epoch")
+    parser.add_argument("--load-state", type=Path, help="start every run from this state_dict")
+    parser.add_argument("--label", help="name the runs' side 'pyro-lag (LABEL)' in the records and the table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/side_by_side_ptb_small.json"))
     parser.add_argument("--table", type=Path, help="print the table of this results file instead of running")
     parser.add_argument("--reference", type=Path, help="with --table: the reference's records to show beside it")
@@ -125,10 +172,11 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     options = {"loss": args.loss, "clip_scope": args.clip_scope}
+    states = States(load=args.load_state, save=args.save_states, label=args.label)
     records: list[dict] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in args.methods.split(","):
-            records += run(SETTINGS[args.setting], method, seed, args.epochs, args.data, options)
+            records += run(SETTINGS[args.setting], method, seed, args.epochs, args.data, options, states)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(records, indent=1))
     print(table(records))
