@@ -37,6 +37,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "noise10-mi4": ("aggressive", {"inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 4}),
     # one aggressive epoch at most, two of the paper's windows (30 inner steps) per model step at most
     "fast": ("aggressive", {"max_inner_steps": 30, "max_aggressive_epochs": 1}),
+    # the paper's rule within a budget of 250 aggressive model steps, 30 inner steps per model step at most
+    "budget": ("aggressive", {"max_inner_steps": 30, "max_aggressive_steps": 250}),
 }
 
 

@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import click
 
+from pyro_lag.settings import DEFAULT_POLICY, POLICIES
+
 from .methods import METHODS
 from .scale_out import ACCELERATORS, STRATEGIES
 
@@ -32,6 +34,10 @@ from .scale_out import ACCELERATORS, STRATEGIES
                    "with the other side's latest norm (joint, cheaper), or each side alone (separate).")
 @click.option("--stop-rule", "stop_rule", type=click.Choice(("drop", "paper", "patience")),
               help="How validation MI ends aggressive mode (default: drop, noise-aware, for text; patience for images).")
+@click.option("--policy", type=click.Choice(tuple(POLICIES)),
+              help="How much aggressive training to buy: paper (the reference's: up to 100 inner steps a model "
+                   "step, aggressive until MI stops rising) or budget (the same within 30 inner steps and 250 "
+                   f"aggressive model steps). Default: {DEFAULT_POLICY}.")
 @click.option("--inner-rule", "inner_rule", type=click.Choice(("paper", "noise")),
               help="When the guide-only inner loop stops: paper (windows of 15, about 50 steps) or noise (windows "
                    "of 5, stop once the improvement is within noise; at least 10).")

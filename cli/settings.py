@@ -215,7 +215,7 @@ def resolve_config(flags: dict[str, Any], user: dict[str, Any], stored: Optional
 
     fit_options = dict(base.get("fit") or {"iw_samples": DEFAULT_IW_SAMPLES})
     fit_options.update(user.get("fit") or {})
-    for key in ("beta", "free_bits", "loss", "clip_scope", "stop_rule", "inner_rule", "mi_checks_per_epoch"):
+    for key in ("beta", "free_bits", "loss", "clip_scope", "stop_rule", "policy", "inner_rule", "mi_checks_per_epoch"):
         if flags.get(key) is not None:
             fit_options[key] = flags[key]
     config = {

@@ -113,7 +113,7 @@ class AggressiveLightningModule(pl.LightningModule):
         self._first_epoch = 0
         self._valid_shard: list[Any] = []
         self._positions: list[int] = []
-        self._epoch_acc = {"loss": 0.0, "steps": 0, "inner": 0, "started": 0.0}
+        self._epoch_acc = {"loss": 0.0, "steps": 0, "inner": 0, "aggressive_steps": 0, "started": 0.0}
 
     # ------------------------------------------------------------------ setup
 
@@ -159,7 +159,7 @@ class AggressiveLightningModule(pl.LightningModule):
             model, guide, self._make_optim(), make_loss(s.loss, self.pyro_model, self.pyro_guide, first),
             guide_batches=self._guide_batch,
             guide_optim=self._make_optim() if s.separate_guide_optim else None,
-            max_inner_steps=s.max_inner_steps, check_every=s.check_every, inner_rule=s.inner_rule,
+            max_inner_steps=s.inner_steps_limit, check_every=s.check_every, inner_rule=s.inner_rule,
             clip_norm=s.clip_norm, clip_scope=s.clip_scope, stop_rule=s.stop_rule,
             patience=s.patience, mi_noise=s.mi_noise, mi_every=None,
             inner_loss_normalizer=InnerUnits(self.train_batches.source, s.per_example_loss),
@@ -247,7 +247,8 @@ class AggressiveLightningModule(pl.LightningModule):
     # ------------------------------------------------------------------ training
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_acc = {"loss": 0.0, "steps": 0, "inner": 0, "started": time.perf_counter()}
+        self._epoch_acc = {"loss": 0.0, "steps": 0, "inner": 0, "aggressive_steps": 0,
+                           "started": time.perf_counter()}
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         """One aggressive (or, later, joint) step of the SVI on this rank's batch."""
@@ -256,6 +257,7 @@ class AggressiveLightningModule(pl.LightningModule):
         epoch = self._first_epoch + self.current_epoch
         if self.schedule is not None:
             self.schedule.update(epoch, batch_idx)
+        aggressive = self.svi.aggressive
         loss = float(self.svi.step(*args, **kwargs))
         if not math.isfinite(loss):
             from .training import TrainingDivergedError
@@ -275,13 +277,24 @@ class AggressiveLightningModule(pl.LightningModule):
         acc["loss"] += loss
         acc["steps"] += 1
         acc["inner"] += self.svi.last_inner_steps
+        acc["aggressive_steps"] += int(aggressive)
+        self._check_aggressive_budget()
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+
+    def _check_aggressive_budget(self) -> None:
+        """End aggressive mode once ``max_aggressive_steps`` model steps have been aggressive (every
+        rank takes the same steps, so every rank decides alike)."""
+        limit = self.settings.max_aggressive_steps
+        if self.svi is None or not self.svi.aggressive or limit is None:
+            return
+        taken = sum(int(row.get("aggressive_steps", 0)) for row in self.history) + self._epoch_acc["aggressive_steps"]
+        if taken >= limit:
+            self.svi.stop_aggressive(f"max_aggressive_steps={limit} reached")
 
     def on_train_epoch_end(self) -> None:
         """Validate on every rank's shard, reduce, apply the stop rule, record the epoch, checkpoint."""
         assert self.svi is not None
         epoch = self._first_epoch + self.current_epoch
-        aggressive = self.svi.aggressive
         val_loss, mi = self._validate()
         if self.svi.aggressive:
             self.svi.observe_mi(mi.value, mi.se)  # the same reduced value on every rank
@@ -298,8 +311,9 @@ class AggressiveLightningModule(pl.LightningModule):
             "mi": mi.value,
             "mi_se": mi.se,
             "mi_points": mi.points,
-            "aggressive": aggressive,
+            "aggressive": acc["aggressive_steps"] > 0,  # the epoch had aggressive steps, as in fit
             "inner_steps": inner / max(steps, 1),
+            "aggressive_steps": acc["aggressive_steps"],
             "kl_weight": self.schedule.value if self.schedule is not None else 1.0,
             "lr": self.plateau.lr,
             "ranks": self.world,

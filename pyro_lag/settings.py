@@ -27,11 +27,17 @@ from typing import TYPE_CHECKING, Any, Self
 if TYPE_CHECKING:  # torch and Pyro load only when a schedule is built: the CLI reads settings first
     from .handlers import FreeBits, KLSchedule
 
-__all__ = ["FitSettings", "METHODS", "KINDS", "describe"]
+__all__ = ["FitSettings", "METHODS", "KINDS", "POLICIES", "describe"]
 
 METHODS = ("aggressive", "standard", "anneal", "beta", "cyclical", "free-bits")
 KINDS = ("text", "image")
 OPTIMS = ("sgd", "adam")
+# Aggressive-training policies by name: (max_inner_steps, max_aggressive_steps), None for no limit.
+POLICIES: dict[str, tuple[int, int | None]] = {
+    "paper": (100, None),  # the reference's: about 50 inner steps, aggressive until MI stops rising
+    "budget": (30, 250),  # two of the reference's 15-step windows, 250 aggressive model steps at most
+}
+DEFAULT_POLICY = "paper"
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,16 @@ class FitSettings:
       defaults of ``optim`` (SGD / Adam), ``lr`` (1.0 / 1e-3), ``stop_rule`` (``drop`` /
       ``patience``) and the lr decay (after 2 epochs without improvement from epoch 16 / after 20).
     - ``loss``: ``"exact"`` (closed-form KL, TraceMeanField_ELBO), ``"sampled"`` or an ELBO.
+    - ``policy``: how much aggressive training a run buys, by name: ``"paper"`` (the reference's:
+      up to 100 inner steps per model step, aggressive until validation MI stops rising) or
+      ``"budget"`` (the same rules within two budgets: at most 30 inner steps per model step and
+      250 aggressive model steps). It fills in ``max_inner_steps`` and ``max_aggressive_steps``
+      where they are left None; see :data:`POLICIES`.
     - ``clip_norm``, ``clip_scope``, ``stop_rule``, ``patience``, ``mi_noise``,
       ``max_inner_steps``, ``inner_rule``, ``check_every``: as :class:`~pyro_lag.AggressiveSVI`'s.
     - ``mi_checks_per_epoch``: validation MI checks (and stop-rule decisions) per epoch while
-      aggressive; more end aggressive mode sooner. ``max_aggressive_epochs`` ends it at the latest.
+      aggressive; more end aggressive mode sooner. ``max_aggressive_epochs`` ends it at the latest
+      after that many epochs, ``max_aggressive_steps`` after that many model steps (whichever first).
     - ``mi_samples``: latent draws per validation point for the MI estimate.
     - ``lr_decay``: on a plateau, multiply lr by this and reload the best parameters, at most
       ``max_decays`` times, then stop (None: never).
@@ -82,10 +94,12 @@ class FitSettings:
     patience: int | None = None
     mi_noise: float = 2.0
     mi_samples: int = 4
-    max_inner_steps: int = 100
+    policy: str = DEFAULT_POLICY
+    max_inner_steps: int | None = None
     inner_rule: str = "paper"
     check_every: int | None = None
     max_aggressive_epochs: int | None = None
+    max_aggressive_steps: int | None = None
     mi_checks_per_epoch: int = 1
     lr_decay: float | None = 0.5
     decay_patience: int | None = None
@@ -120,9 +134,12 @@ class FitSettings:
             _check_number(name, getattr(self, name), integer=True)
         if self.inner_rule not in ("paper", "noise"):
             raise ValueError(f"inner_rule must be 'paper' or 'noise', got {self.inner_rule!r}")
-        for name in ("mi_samples", "cycles", "max_inner_steps", "iw_chunk_size", "mi_checks_per_epoch"):
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for name in ("mi_samples", "cycles", "iw_chunk_size", "mi_checks_per_epoch"):
             _check_number(name, getattr(self, name), minimum=1, integer=True)
-        for name in ("max_aggressive_epochs", "checkpoint_every", "check_every"):
+        for name in ("max_inner_steps", "max_aggressive_epochs", "max_aggressive_steps", "checkpoint_every",
+                     "check_every"):
             if getattr(self, name) is not None:
                 _check_number(name, getattr(self, name), minimum=1, integer=True)
         for name in ("decay_patience", "decay_after", "seed"):
@@ -143,6 +160,7 @@ class FitSettings:
         text = kind == "text"
         optim = self.optim or ("sgd" if text else "adam")
         stop_rule = self.stop_rule or ("drop" if text else "patience")
+        max_inner_steps, max_aggressive_steps = POLICIES[self.policy]
         return dataclasses.replace(
             self,
             kind=kind,
@@ -152,11 +170,19 @@ class FitSettings:
             patience=self.patience if self.patience is not None else (5 if stop_rule == "patience" else 2),
             decay_patience=self.decay_patience if self.decay_patience is not None else (2 if text else 20),
             decay_after=self.decay_after if self.decay_after is not None else (15 if text else 0),
+            max_inner_steps=self.max_inner_steps if self.max_inner_steps is not None else max_inner_steps,
+            max_aggressive_steps=(self.max_aggressive_steps if self.max_aggressive_steps is not None
+                                  else max_aggressive_steps),
         )
 
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` (checked like any construction)."""
         return dataclasses.replace(self, **changes)
+
+    @property
+    def inner_steps_limit(self) -> int:
+        """``max_inner_steps``, or the policy's where it is left None."""
+        return self.max_inner_steps if self.max_inner_steps is not None else POLICIES[self.policy][0]
 
     @property
     def aggressive(self) -> bool:

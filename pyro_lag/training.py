@@ -57,7 +57,7 @@ class _Run:
         self.svi = AggressiveSVI(
             train_model, train_guide, self._make_optim(), make_loss(settings.loss, model, guide, first),
             guide_batches=self._guide_batch, guide_optim=self._make_optim(),
-            max_inner_steps=settings.max_inner_steps, check_every=settings.check_every, inner_rule=settings.inner_rule,
+            max_inner_steps=settings.inner_steps_limit, check_every=settings.check_every, inner_rule=settings.inner_rule,
             clip_norm=settings.clip_norm, clip_scope=settings.clip_scope, stop_rule=settings.stop_rule or "drop",
             patience=settings.patience or 2, mi_noise=settings.mi_noise, mi_every=None,
             inner_loss_normalizer=InnerUnits(self.train), aggressive=settings.aggressive and not self.decoder_only,
@@ -138,6 +138,7 @@ class _Run:
             loss_value = self.step(epoch, step, batch)
             if self.svi.aggressive and self.mi_check_due(step):
                 self.check_mi()
+            self.check_aggressive_budget()
             self.callbacks.batch_end({
                 "epoch": epoch + 1, "step": step + 1, "steps": self.steps_per_epoch, "loss": loss_value,
                 "inner_steps": self.svi.last_inner_steps, "aggressive": self.svi.aggressive,
@@ -151,6 +152,12 @@ class _Run:
                 self.write_last()
         self.faults.recorded.clear()
         totals.time += time.perf_counter() - started
+
+    def check_aggressive_budget(self) -> None:
+        """End aggressive mode once ``max_aggressive_steps`` model steps have been aggressive."""
+        limit = self.settings.max_aggressive_steps
+        if self.svi.aggressive and limit is not None and self.state.aggressive_steps >= limit:
+            self.svi.stop_aggressive(f"max_aggressive_steps={limit} reached")
 
     def mi_check_due(self, step: int) -> bool:
         """Whether validation MI is checked after ``step``: ``mi_checks_per_epoch`` times an epoch, the
@@ -180,7 +187,7 @@ class _Run:
         if self.svi.aggressive and mi is not None:
             self.svi.observe_mi(mi, mi_se)
         if self.svi.aggressive and s.max_aggressive_epochs is not None and epoch + 1 >= s.max_aggressive_epochs:
-            self.svi.stop_aggressive()
+            self.svi.stop_aggressive(f"max_aggressive_epochs={s.max_aggressive_epochs} reached")
         val_loss = -float(metrics["elbo"])
         if not math.isfinite(val_loss):
             raise TrainingDivergedError(f"non-finite validation loss at epoch {epoch + 1}{self.faults.kept()}")

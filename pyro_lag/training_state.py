@@ -60,6 +60,11 @@ class TrainingState:
     def lr(self) -> float:
         return self.plateau.lr
 
+    @property
+    def aggressive_steps(self) -> int:
+        """Model steps taken in aggressive mode so far, over every epoch."""
+        return sum(int(row.get("aggressive_steps", 0)) for row in self.history) + self.totals.aggressive_steps
+
     def next_epoch(self) -> None:
         self.epoch, self.step, self.totals = self.epoch + 1, 0, EpochTotals()
 

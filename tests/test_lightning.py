@@ -376,6 +376,24 @@ def test_single_process_lightning_reaches_the_mi_band_of_fit():
 
 
 @pytest.mark.timeout(120)
+def test_max_aggressive_steps_ends_aggressive_mode_at_the_same_step_as_fit():
+    train, valid = corpus()
+    steps_per_epoch = len(list(train))
+    budget = steps_per_epoch + 2  # inside the second epoch
+    options = {**SMALL, "epochs": 3, "max_inner_steps": 3, "max_aggressive_steps": budget, "mi_samples": 2,
+               "stop_rule": "patience", "patience": 10}  # the MI rule never ends it first
+    vae = new_vae()
+    by_fit = fit(vae.model, vae.guide, train, valid, **options).history
+    vae = new_vae()
+    by_lightning = fit_lightning(vae.model, vae.guide, train, valid, accelerator="cpu", devices=1,
+                                 trainer_options=QUIET, **options).history
+    expected = [steps_per_epoch, 2, 0]
+    assert [r["aggressive_steps"] for r in by_fit] == expected
+    assert [r["aggressive_steps"] for r in by_lightning] == expected
+    assert [r["aggressive"] for r in by_lightning] == [True, True, False]
+
+
+@pytest.mark.timeout(120)
 def test_resume_continues_where_the_run_stopped(tmp_path):
     train, valid = corpus()
     options = {"accelerator": "cpu", "devices": 1, "trainer_options": QUIET, **SMALL}

@@ -45,6 +45,20 @@ def test_resolution_fills_the_per_kind_defaults_and_keeps_what_was_given():
     assert FitSettings.from_record(text.record()) == text  # plain data round trip
 
 
+def test_policies_fill_the_inner_and_aggressive_step_limits_by_name():
+    paper = FitSettings(policy="paper").resolved("text")
+    assert (paper.max_inner_steps, paper.max_aggressive_steps) == (100, None)
+    budget = FitSettings(policy="budget").resolved("image")
+    assert (budget.max_inner_steps, budget.max_aggressive_steps) == (30, 250)
+    mixed = FitSettings(policy="budget", max_inner_steps=45).resolved("text")  # what is given is kept
+    assert (mixed.max_inner_steps, mixed.max_aggressive_steps, mixed.inner_steps_limit) == (45, 250, 45)
+    assert FitSettings(policy="budget").inner_steps_limit == 30  # before resolution too
+    with pytest.raises(ValueError, match="policy must be one of paper, budget, got 'fast'"):
+        FitSettings(policy="fast")
+    with pytest.raises(ValueError, match="max_inner_steps must be an integer >= 1"):
+        FitSettings(max_inner_steps=0)
+
+
 def test_resume_rules_come_from_the_settings():
     stored = FitSettings(epochs=3, lr=0.1).record()
     FitSettings(epochs=9, lr=0.1, iw_samples=50).check_resumable(stored, "runs/x")  # resumable: epochs, iw

@@ -182,6 +182,8 @@ RESUME_SETTINGS = {
     # leaves aggressive mode after epoch 2
     "aggressive": dict(method="aggressive", optim="adam", max_aggressive_epochs=2),
     "annealed": dict(method="anneal", optim="sgd", kl_start=0.1, warm_up=2),
+    # leaves aggressive mode after its seventh model step, inside epoch 2
+    "step-budget": dict(method="aggressive", optim="adam", max_aggressive_steps=7),
     # the noise-aware inner rule with MI checked twice an epoch (checks fall mid-epoch)
     "noise-rule": dict(method="aggressive", optim="adam", inner_rule="noise", check_every=2, mi_checks_per_epoch=2,
                        stop_rule="paper"),
@@ -209,6 +211,15 @@ def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, stop, setting
     strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_time"} for r in rows]  # noqa: E731
     assert strip(got_history) == strip(expected_history)
     assert len(result.history) == 3
+
+
+def test_max_aggressive_steps_ends_aggressive_mode_after_that_many_model_steps():
+    result = quick_fit(build(seed=5), epochs=3, optim="adam", max_aggressive_steps=7)
+    assert [r["aggressive_steps"] for r in result.history] == [5, 2, 0]
+    assert [r["aggressive"] for r in result.history] == [True, True, False]
+    assert result.config["max_aggressive_steps"] == 7
+    with pytest.raises(ValueError, match="max_aggressive_steps must be an integer >= 1"):
+        quick_fit(build(), max_aggressive_steps=0)
 
 
 def test_resume_of_a_finished_run_only_tests(tmp_path):
