@@ -29,16 +29,16 @@ DEFAULT_OUT = HERE / "results" / "inner_policy.json"
 # case -> the [fit] table it runs with (on top of the default run's settings)
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "standard": ("standard", {}),
-    "paper": ("aggressive", {"inner_rule": "paper", "mi_checks_per_epoch": 1}),  # the reference's policy
-    "noise": ("aggressive", {"inner_rule": "noise", "mi_checks_per_epoch": 1}),
-    "noise-mi4": ("aggressive", {"inner_rule": "noise", "mi_checks_per_epoch": 4}),
-    "paper-mi4": ("aggressive", {"inner_rule": "paper", "mi_checks_per_epoch": 4}),
-    "noise10": ("aggressive", {"inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 1}),
-    "noise10-mi4": ("aggressive", {"inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 4}),
+    "paper": ("aggressive", {"policy": "paper"}),  # the reference's policy
+    "noise": ("aggressive", {"policy": "paper", "inner_rule": "noise", "mi_checks_per_epoch": 1}),
+    "noise-mi4": ("aggressive", {"policy": "paper", "inner_rule": "noise", "mi_checks_per_epoch": 4}),
+    "paper-mi4": ("aggressive", {"policy": "paper", "inner_rule": "paper", "mi_checks_per_epoch": 4}),
+    "noise10": ("aggressive", {"policy": "paper", "inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 1}),
+    "noise10-mi4": ("aggressive", {"policy": "paper", "inner_rule": "noise", "check_every": 10, "mi_checks_per_epoch": 4}),
     # one aggressive epoch at most, two of the paper's windows (30 inner steps) per model step at most
-    "fast": ("aggressive", {"max_inner_steps": 30, "max_aggressive_epochs": 1}),
-    # the paper's rule within a budget of 250 aggressive model steps, 30 inner steps per model step at most
-    "budget": ("aggressive", {"max_inner_steps": 30, "max_aggressive_steps": 250}),
+    "fast": ("aggressive", {"policy": "paper", "max_inner_steps": 30, "max_aggressive_epochs": 1}),
+    # the paper's rules within 30 inner steps per model step and 250 aggressive model steps
+    "budget": ("aggressive", {"policy": "budget"}),
 }
 
 

@@ -54,7 +54,7 @@ SETTINGS = {
     "ptb-small": Setting(
         sentences=(2000, 300, 300),
         model=dict(latent_dim=32, ni=128, enc_nh=256, dec_nh=256, dropout=0.5),
-        fit=dict(optim="sgd", lr=1.0, clip_norm=5.0, max_aggressive_epochs=1, lr_decay=None),
+        fit=dict(optim="sgd", lr=1.0, clip_norm=5.0, max_aggressive_epochs=1, lr_decay=None, policy="paper"),
     ),
 }
 
