@@ -39,6 +39,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "fast": ("aggressive", {"policy": "paper", "max_inner_steps": 30, "max_aggressive_epochs": 1}),
     # the paper's rules within 30 inner steps per model step and 250 aggressive model steps
     "budget": ("aggressive", {"policy": "budget"}),
+    # the step budget alone: the paper's inner loop, 250 aggressive model steps at most
+    "steps250": ("aggressive", {"policy": "paper", "max_aggressive_steps": 250}),
 }
 
 
