@@ -203,7 +203,8 @@ def text_run(workdir) -> Path:
 def standard_run(workdir) -> tuple[Path, Result]:
     """A tiny run of the standard method, flags overriding the config file."""
     out = workdir / "standard-run"
-    result = invoke("fit", "--config", workdir / "tiny.toml", "--out", out, "--method", "standard", "--seed", 5)
+    result = invoke("fit", "--config", workdir / "tiny.toml", "--out", out, "--method", "standard", "--seed", 5,
+                    "--policy", "budget")
     assert_ok(result)
     return out, result
 
@@ -335,6 +336,7 @@ def test_flags_override_the_config_file(standard_run):
     saved = read_json(out / "config.json")
     assert saved["method"] == "standard" and saved["seed"] == 5  # from flags
     assert saved["epochs"] == 1 and saved["fit"]["iw_samples"] == 3  # from the file
+    assert saved["fit"]["policy"] == "budget" and saved["fit"]["max_inner_steps"] == 3  # a flag beside the file's
 
 
 def test_fit_user_factory_returning_a_tuple(workdir, user_module):
@@ -614,6 +616,7 @@ def test_cuda_without_a_gpu(workdir, tmp_path):
         (["--method", "free-bits"], "method 'free-bits' needs free_bits"),
         (["--epochs", "0"], "epochs must be an integer >= 1"),
         (["--method", "sideways"], "Invalid value for '--method'"),
+        (["--policy", "fast"], "Invalid value for '--policy'"),
         (["--device", "tpu"], "device must be cpu or cuda"),
     ],
 )
@@ -629,6 +632,7 @@ def test_conflicting_or_invalid_flags(args, message):
         ("[fit]\nlearning_rate = 1.0\n", "[fit]: unknown key 'learning_rate'"),
         ("epochs = 'ten'\n", "epochs must be an integer"),
         ("data = 'folder'\n", "'data' must be a table"),
+        ("[fit]\npolicy = 'fast'\n", "policy must be one of paper, budget, got 'fast'"),
     ],
 )
 def test_bad_config_files(tmp_path, text, message):
