@@ -71,7 +71,8 @@ def test_unknown_row_is_one_line(tmp_path, shared_data):
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
         "unknown row(s) nonsense; choose from decoder-only, vae, vae+anneal, beta-vae, cyclical, free-bits, "
-        "aggressive, aggressive+anneal, aggressive-mi4, aggressive-fast, aggressive-budget, aggressive-budget+anneal"]
+        "aggressive, aggressive+anneal, aggressive-mi4, aggressive-fast, aggressive-budget, aggressive-budget+anneal, "
+        "aggressive-budget-345"]
 
 
 def test_synthetic_posterior_mean_space(tmp_path):
