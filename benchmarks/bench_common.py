@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from pyro_lag.models.registry import build
 
 from pyro_lag.data import TextCorpus, Vocabulary
-from pyro_lag.models.registry import build
 
 try:
     from benchmarks.harness import device_description, write_result
@@ -97,6 +97,7 @@ def one_batch_and_pair(args: argparse.Namespace, device: torch.device) -> tuple[
     For the benchmarks that time single steps on the same batch (``--length``, ``--batch-size``).
     """
     import pyro
+
     from pyro_lag.data import TextBatches
 
     vocab = vocabulary(args.data)
@@ -134,6 +135,7 @@ def plain_and_aggressive_svi(pair: torch.nn.Module, x: torch.Tensor):
     """``pyro.infer.SVI`` and ``AggressiveSVI`` on one pair (Trace_ELBO, SGD lr 1e-3), the split probed on ``x``."""
     import pyro.optim
     from pyro.infer import SVI, Trace_ELBO
+
     from pyro_lag import AggressiveSVI
 
     plain = SVI(pair.model, pair.guide, pyro.optim.SGD({"lr": 1e-3}), Trace_ELBO())

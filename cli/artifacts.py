@@ -13,8 +13,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from pyro_lag.batches import to_device
-from pyro_lag.sites import normalize_batch
+from pyro_lag.data.batches import to_device
+from pyro_lag.trace.sites import normalize_batch
 
 from .datasets import Splits, make_batches, token_count
 from .pairs import PairHandle
@@ -233,7 +233,7 @@ def diagnostics_of(run: RunDirectory, handle: PairHandle, batch: Optional[Any], 
                    metrics: Mapping[str, Any], result: Any = None) -> Any:
     """The run's InferenceData: posterior draws on ``batch`` (None: no latent), latent usage, history,
     final metrics and the posterior-mean-space snapshots; from the fit result when there is one."""
-    from pyro_lag.fit_result import FitResult
+    from pyro_lag.training.result import FitResult
 
     if result is None:  # rebuilt from the run directory's files
         result = FitResult(history=list(history), test=None, best_epoch=None, best_val_loss=float("nan"),

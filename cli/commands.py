@@ -37,15 +37,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 def _evaluate(loaded, batches: Any, iw_samples: int, progress: EvaluationProgress) -> dict[str, Any]:
     """Every metric of the run's model on ``batches``; ``progress`` hears of each batch where the library can say."""
-    from pyro_lag.diagnostics import evaluate
-    from pyro_lag.sites import NoLocalLatentError
+    from pyro_lag.estimators.diagnostics import evaluate
+    from pyro_lag.trace.sites import NoLocalLatentError
 
     try:
         return evaluate(loaded.handle.model, loaded.handle.guide, batches, iw_samples=iw_samples,
                         **progress_keyword(evaluate, progress))
     except NoLocalLatentError:
         # A decoder-only run: its ELBO is the exact log-likelihood.
-        from pyro_lag.no_latent import exact_metrics
+        from pyro_lag.estimators.decoder_only import exact_metrics
 
         metrics = exact_metrics(loaded.handle.model, batches, **progress_keyword(exact_metrics, progress))
         metrics["iw_nll"] = -metrics["elbo"]
@@ -88,13 +88,13 @@ def eval_cmd(run_dir: str, data_path: Optional[str], iw_samples: int, batch_size
 
 
 def _on_device(source: Any, device: Any) -> list[Any]:
-    from pyro_lag.batches import to_device
+    from pyro_lag.data.batches import to_device
 
     return [to_device(batch, device) for batch in source.iter_from(0, 0)]
 
 
 def _print_metrics(console: Console, metrics: dict[str, Any], kind: str, title: str) -> None:
-    from pyro_lag.diagnostics import ACTIVE_THRESHOLD
+    from pyro_lag.estimators.active_units import ACTIVE_THRESHOLD
     from pyro_lag.report import perplexity
 
     table = Table(title=title, title_justify="left")

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import click
 
-from pyro_lag.settings import DEFAULT_POLICY, POLICIES
+from pyro_lag.training.settings import DEFAULT_POLICY, POLICIES
 
 from .methods import METHODS
 from .scale_out import ACCELERATORS, STRATEGIES

@@ -2,7 +2,7 @@
 
 Every rank trains; global rank 0 alone shows progress, keeps metrics.json current, and, once
 training has ended, evaluates the best parameters on the test split (IW-NLL included) and
-returns a :class:`pyro_lag.training.FitResult` like :func:`pyro_lag.fit`'s, so the rest of
+returns a :class:`pyro_lag.training.loop.FitResult` like :func:`pyro_lag.fit`'s, so the rest of
 the command is the same for one process and for many.
 
 What differs from one process: the settings come from the same resolution as ``fit``'s
@@ -28,9 +28,9 @@ import pyro
 import torch
 from rich.console import Console
 
-from pyro_lag.batches import to_device
-from pyro_lag.checkpoint import load_checkpoint, restore_param_store
-from pyro_lag.training import FitResult
+from pyro_lag.data.batches import to_device
+from pyro_lag.io.checkpoint import load_checkpoint, restore_param_store
+from pyro_lag.training.result import FitResult
 
 from .artifacts import (
     MEAN_SPACE_POINTS,
@@ -265,7 +265,7 @@ def train(console: Console, run: RunDirectory, config: Mapping[str, Any], handle
 def _test_pass(run: RunDirectory, config: Mapping[str, Any], handle: PairHandle, test: Any, mi_samples: int,
                progress: Any) -> dict[str, Any]:
     """The best parameters (best.pt) on the test split, on this process alone, as fit's final pass."""
-    from pyro_lag.diagnostics import evaluate
+    from pyro_lag.estimators.diagnostics import evaluate
     from pyro_lag.lightning import BEST_CHECKPOINT
 
     best = run.checkpoints / BEST_CHECKPOINT

@@ -17,8 +17,8 @@ import pyro
 import torch
 from rich.console import Console
 
-from pyro_lag.batches import to_device
-from pyro_lag.training import fit
+from pyro_lag.data.batches import to_device
+from pyro_lag.training.loop import fit
 
 from . import datasets, scale_out, settings
 from .artifacts import (

@@ -17,10 +17,10 @@ import pyro
 import torch
 from pyro import poutine
 
-from pyro_lag.checkpoint import load_checkpoint, restore_param_store
 from pyro_lag.data import Vocabulary
-from pyro_lag.sites import normalize_batch
-from pyro_lag.training import BEST_CHECKPOINT, LAST_CHECKPOINT
+from pyro_lag.io.checkpoint import load_checkpoint, restore_param_store
+from pyro_lag.trace.sites import normalize_batch
+from pyro_lag.training.checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
 
 from .artifacts import eval_source, to_device
 from .datasets import Splits, load_splits

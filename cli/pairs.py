@@ -19,8 +19,8 @@ from typing import Any, Callable, Mapping, Optional
 import click
 import pyro
 
-from pyro_lag.no_latent import latent_sites
-from pyro_lag.sites import NoLocalLatentError
+from pyro_lag.estimators.decoder_only import latent_sites
+from pyro_lag.trace.sites import NoLocalLatentError
 
 DEFAULT_MODEL = {"text": "lstm-text", "image": "mlp-image"}
 SYNTHETIC_MODEL = "synthetic"

@@ -55,7 +55,7 @@ class LiveMonitor:
     def __call__(self) -> dict[str, float]:
         import torch
 
-        from pyro_lag.diagnostics import evaluate
+        from pyro_lag.estimators.diagnostics import evaluate
 
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         with torch.random.fork_rng(devices=devices):

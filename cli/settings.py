@@ -50,7 +50,7 @@ from typing import Any, Iterator, Mapping, Optional
 import click
 import torch
 
-from pyro_lag.settings import FitSettings
+from pyro_lag.training.settings import FitSettings
 
 from . import scale_out
 from .datasets import data_kind, resolve_data
@@ -88,7 +88,7 @@ _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
 def fit_option_names() -> list[str]:
-    """The :class:`~pyro_lag.settings.FitSettings` fields that a ``[fit]`` table may set."""
+    """The :class:`~pyro_lag.training.settings.FitSettings` fields that a ``[fit]`` table may set."""
     return [name for name in FitSettings.names() if name not in _FIT_RESERVED]
 
 

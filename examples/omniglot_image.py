@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pyro_lag.data import ImageBatches, load_images, split_images
+from paper_table import add_common_options, parse_args, run_rows
 from pyro_lag.models.registry import build
 
-from paper_table import add_common_options, parse_args, run_rows
+from pyro_lag.data import ImageBatches, load_images, split_images
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot28" / "omniglot28.npz"
 

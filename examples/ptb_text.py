@@ -16,11 +16,10 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-
-from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, num_tokens
+from paper_table import add_common_options, parse_args, run_rows
 from pyro_lag.models.registry import build
 
-from paper_table import add_common_options, parse_args, run_rows
+from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, num_tokens
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
 

@@ -22,11 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pyro  # noqa: E402
 import torch  # noqa: E402
+from pyro_lag.models import sample_corpus, true_posterior_mean  # noqa: E402
+from pyro_lag.models.registry import build  # noqa: E402
 
 from pyro_lag import fit  # noqa: E402
 from pyro_lag.data import TextBatches, TextCorpus, Vocabulary  # noqa: E402
-from pyro_lag.models import sample_corpus, true_posterior_mean  # noqa: E402
-from pyro_lag.models.registry import build  # noqa: E402
 
 METHODS = {"standard": "plain training (standard)", "aggressive": "aggressive training"}
 

@@ -10,45 +10,40 @@ and ``pyro-lag --help`` do not pay for importing torch and pyro.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what editors and type checkers see; at run time __getattr__ loads these
-    from .batches import Batches
-    from .diagnostics import (
-        MutualInformation,
-        active_units,
-        estimate_mutual_information,
-        evaluate,
-        iw_log_likelihood,
-        mutual_information,
-    )
-    from .fit_result import FitResult
-    from .inference_data import to_inference_data
-    from .settings import FitSettings
-    from .sites import NoLocalLatentError
-    from .svi import AggressiveSVI, InnerLoopStopper
-    from .training import fit
+    from pyro_lag.data.batches import Batches
+    from pyro_lag.engine.inner_loop import InnerLoopStopper
+    from pyro_lag.engine.svi import AggressiveSVI
+    from pyro_lag.estimators.active_units import active_units
+    from pyro_lag.estimators.diagnostics import estimate_mutual_information, evaluate, mutual_information
+    from pyro_lag.estimators.iw_nll import iw_log_likelihood
+    from pyro_lag.estimators.mutual_info import MutualInformation
+    from pyro_lag.io.inference_data import to_inference_data
+    from pyro_lag.trace.sites import NoLocalLatentError
+    from pyro_lag.training.loop import fit
+    from pyro_lag.training.result import FitResult
+    from pyro_lag.training.settings import FitSettings
 
 __version__ = "0.1.0"
 
 # Public name -> the submodule that defines it.
 _SOURCES: dict[str, str] = {
-    "AggressiveSVI": "svi",
-    "Batches": "batches",
-    "FitResult": "fit_result",
-    "FitSettings": "settings",
-    "InnerLoopStopper": "svi",
-    "MutualInformation": "diagnostics",
-    "NoLocalLatentError": "sites",
-    "active_units": "diagnostics",
-    "estimate_mutual_information": "diagnostics",
-    "evaluate": "diagnostics",
-    "fit": "training",
-    "iw_log_likelihood": "diagnostics",
-    "mutual_information": "diagnostics",
-    "to_inference_data": "inference_data",
+    "AggressiveSVI": "engine.svi",
+    "Batches": "data.batches",
+    "FitResult": "training.result",
+    "FitSettings": "training.settings",
+    "InnerLoopStopper": "engine.inner_loop",
+    "MutualInformation": "estimators.mutual_info",
+    "NoLocalLatentError": "trace.sites",
+    "active_units": "estimators.active_units",
+    "estimate_mutual_information": "estimators.diagnostics",
+    "evaluate": "estimators.diagnostics",
+    "fit": "training.loop",
+    "iw_log_likelihood": "estimators.iw_nll",
+    "mutual_information": "estimators.diagnostics",
+    "to_inference_data": "io.inference_data",
 }
 
 __all__ = [
@@ -80,20 +75,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
-    """``pyro_lag`` itself: the function ``mutual_information`` keeps its name over the submodule.
-
-    Importing a submodule binds it as an attribute of its package, so importing
-    ``pyro_lag.mutual_information`` (which ``pyro_lag.diagnostics`` does) would otherwise
-    hide the function of that name from ``from pyro_lag import mutual_information``.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _SOURCES and isinstance(value, types.ModuleType):
-            return  # a same-named submodule was imported: the public name stays lazy
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import constraints
 
+from pyro_lag.compat import validate_sample
+
 __all__ = ["NextTokenCategorical"]
 
 
@@ -54,8 +56,7 @@ class NextTokenCategorical(dist.TorchDistribution):
         return NextTokenCategorical(self.logits.expand(batch_shape + self.logits.shape[-1:]))
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
+        validate_sample(self, value)
         shape = torch.broadcast_shapes(value.shape, self.batch_shape)
         logits = self.logits.expand(shape + self.logits.shape[-1:]).reshape(-1, self.logits.shape[-1])
         nll = F.cross_entropy(logits, value.expand(shape).reshape(-1), reduction="none")

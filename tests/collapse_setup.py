@@ -4,9 +4,9 @@ Used by the fast collapse test: plain SVI lets the decoder ignore z; aggressive 
 """
 from __future__ import annotations
 
-import torch
 import pyro
 import pyro.distributions as dist
+import torch
 
 V, T, CLUSTERS = 12, 10, 4
 

@@ -6,9 +6,9 @@ I(x; z) = 1/2 log det(I + W^T W / s^2).
 """
 from __future__ import annotations
 
-import torch
 import pyro
 import pyro.distributions as dist
+import torch
 
 
 class LinearGaussian:

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 import pyro
 import pyro.distributions as dist
+import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import ELBO, Trace_ELBO, TraceEnum_ELBO, config_enumerate

@@ -17,6 +17,7 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro_lag.models.registry import build
 
 from benchmarks import run_all
 from benchmarks.reference_loop import (
@@ -27,7 +28,6 @@ from benchmarks.reference_loop import (
 )
 from pyro_lag import iw_log_likelihood
 from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, read_sentences
-from pyro_lag.models.registry import build
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 6

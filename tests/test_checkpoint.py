@@ -13,8 +13,8 @@ import torch
 from pyro.distributions import constraints
 from pyro.infer import SVI, Trace_ELBO
 
-import pyro_lag.checkpoint as ckpt
-from pyro_lag.checkpoint import (
+import pyro_lag.io.checkpoint as ckpt
+from pyro_lag.io.checkpoint import (
     CheckpointError,
     capture_rng_state,
     capture_training_state,

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-
 from pyro_lag.cli.main import main
-from pyro_lag.data import Vocabulary
 from pyro_lag.models import list_models, sample_corpus
+
+from pyro_lag.data import Vocabulary
 
 TINY_TEXT = """
 epochs = {epochs}
@@ -870,7 +870,7 @@ def test_bad_distributed_config_files(tmp_path, text, message):
 def test_several_processes_without_lightning_say_what_to_install(workdir, tmp_path, monkeypatch):
     for name in ("lightning", "lightning.pytorch"):
         monkeypatch.setitem(sys.modules, name, None)  # as if it were not installed
-    for name in ("pyro_lag.lightning", "pyro_lag.lightning_module", "pyro_lag.lightning_strategy"):
+    for name in ("pyro_lag.lightning", "pyro_lag.lightning.module", "pyro_lag.lightning.strategy"):
         monkeypatch.delitem(sys.modules, name, raising=False)
     result = invoke("fit", "--config", workdir / "tiny.toml", "--out", tmp_path / "r", "--devices", 2)
     assert_user_error(result, "train through PyTorch Lightning", "pip install 'pyro-lag[lightning]'")

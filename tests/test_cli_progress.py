@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 
-from rich.console import Console
-
 from pyro_lag.cli.progress import (
     AnnouncedSource,
     EvaluationProgress,
@@ -20,6 +18,7 @@ from pyro_lag.cli.progress import (
     progress_keyword,
     training_progress,
 )
+from rich.console import Console
 
 
 class FakeClock:

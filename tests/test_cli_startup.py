@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 COMMANDS = ("fit", "eval", "report", "sample", "compare", "models", "data")
-HEAVY = ("torch", "pyro", "numpy", "pyro_lag.training", "pyro_lag.diagnostics")
+HEAVY = ("torch", "pyro", "numpy", "pyro_lag.training.loop", "pyro_lag.estimators.diagnostics")
 
 # Calls the command line in-process, once per argument list, and reports after each call the
 # help text it printed and which heavy modules are loaded by then.
@@ -67,7 +67,8 @@ def test_console_script_help_imports_neither_torch_nor_pyro():
 
 def test_cli_method_names_equal_the_library_methods():
     from pyro_lag.cli.methods import METHODS
-    from pyro_lag.training import METHODS as LIBRARY_METHODS
+
+    from pyro_lag.training.settings import METHODS as LIBRARY_METHODS
 
     assert METHODS == LIBRARY_METHODS
 
@@ -101,13 +102,13 @@ def test_package_import_is_lazy_and_every_public_name_resolves():
     assert result["names"]["estimate_mutual_information"] == "function"
 
 
-def test_mutual_information_stays_the_function_after_the_submodule_is_imported():
+def test_mutual_information_is_the_function_after_the_estimator_modules_are_imported():
     import pyro_lag
-    import pyro_lag.diagnostics  # imports the submodule pyro_lag.mutual_information
+    import pyro_lag.estimators.diagnostics  # imports pyro_lag.estimators.mutual_info, the estimator module
     from pyro_lag import mutual_information
 
-    assert mutual_information is pyro_lag.diagnostics.mutual_information
-    assert pyro_lag.mutual_information is pyro_lag.diagnostics.mutual_information
-    assert pyro_lag.MutualInformation is pyro_lag.diagnostics.MutualInformation
+    assert mutual_information is pyro_lag.estimators.diagnostics.mutual_information
+    assert pyro_lag.mutual_information is pyro_lag.estimators.diagnostics.mutual_information
+    assert pyro_lag.MutualInformation is pyro_lag.estimators.diagnostics.MutualInformation
     with pytest.raises(AttributeError):
         getattr(pyro_lag, "no_such_name")

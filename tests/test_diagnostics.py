@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
-import torch
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
 from pyro_lag import NoLocalLatentError, active_units, evaluate, iw_log_likelihood, mutual_information
@@ -84,7 +84,8 @@ def test_mi_matches_double_loop_on_small_batch():
     pyro.set_rng_seed(5)
     guide = capture(lg.exact_guide)
     estimate = mutual_information(guide, [x])
-    q = lambda xi: dist.MultivariateNormal(lg.post_mean(xi), scale_tril=lg.post_scale_tril)
+    def q(xi):
+        return dist.MultivariateNormal(lg.post_mean(xi), scale_tril=lg.post_scale_tril)
     assert estimate == pytest.approx(brute_force_mi(q, x, capture.value), abs=1e-5)
 
 
@@ -108,7 +109,8 @@ def test_mi_pools_the_points_of_all_batches():
         draws.append(tracer.trace.nodes["z"]["value"])
 
     estimate = mutual_information(guide, [x[:10], x[10:]])
-    q = lambda xi: dist.MultivariateNormal(lg.post_mean(xi), scale_tril=lg.post_scale_tril)
+    def q(xi):
+        return dist.MultivariateNormal(lg.post_mean(xi), scale_tril=lg.post_scale_tril)
     assert estimate == pytest.approx(brute_force_mi(q, x, torch.cat(draws[:2])), abs=1e-5)
 
 
@@ -233,7 +235,8 @@ def test_autonormal_local_latents_are_its_unconstrained_sites():
     estimate = mutual_information(capture(guide), [x])
     locs = pyro.param("AutoNormal.locs.z").detach()
     scales = pyro.param("AutoNormal.scales.z").detach()
-    q = lambda i: dist.Normal(locs[i], scales[i]).to_event(1)
+    def q(i):
+        return dist.Normal(locs[i], scales[i]).to_event(1)
     B = x.shape[0]
     first = sum(q(i).log_prob(capture.value[i]) for i in range(B)) / B
     second = sum(
@@ -272,7 +275,7 @@ def test_mi_of_a_guide_that_ignores_x_is_zero_within_noise_target():
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(loc, 0.7).expand([x.shape[0], 32]).to_event(1))
 
-    from pyro_lag.diagnostics import estimate_mutual_information
+    from pyro_lag.estimators.diagnostics import estimate_mutual_information
 
     estimate = estimate_mutual_information(guide, x.split(50))
     assert abs(estimate.value) < 0.02 and estimate.se < 0.02
@@ -283,7 +286,7 @@ def test_mi_of_exact_posterior_within_two_percent_on_1000_points():
     """On sets of 1,000 points the estimate is within 2% of the closed form on average, and each
     within three of its standard errors (the error left is the spread of the 1,000 points drawn)."""
     lg = make_linear_gaussian(D=4, d=2, s=0.8)
-    from pyro_lag.diagnostics import estimate_mutual_information
+    from pyro_lag.estimators.diagnostics import estimate_mutual_information
 
     errors = []
     for seed in range(5):

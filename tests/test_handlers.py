@@ -11,8 +11,8 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
-from pyro_lag.handlers import FreeBits, KLWeight, beta, cyclical, linear_annealing
-
+from pyro_lag.handlers.free_bits import FreeBits
+from pyro_lag.handlers.kl_weight import KLWeight, beta, cyclical, linear_annealing
 
 # --------------------------------------------------------------------------- schedules
 

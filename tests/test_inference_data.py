@@ -13,7 +13,7 @@ import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 from torch import nn
 
-from pyro_lag.inference_data import (
+from pyro_lag.io.inference_data import (
     history_from_inference_data,
     posterior_draws,
     to_inference_data,
@@ -264,7 +264,7 @@ def test_posterior_draws_on_cuda():
 
 
 def test_import_emits_no_warning():
-    code = "import pyro_lag.inference_data as m; m._arviz()"
+    code = "import pyro_lag.io.inference_data as m; m._arviz()"
     result = subprocess.run(
         [sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=120
     )

@@ -27,10 +27,13 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 from pyro_lag import fit
-from pyro_lag.checkpoint import load_checkpoint
-from pyro_lag.diagnostics import estimate_mutual_information
-from pyro_lag.distributed import DistributedAggressiveSVI, reduce_mi, seed_rank
-from pyro_lag.handlers import linear_annealing
+from pyro_lag.engine.collectives import reduce_mi, seed_rank
+from pyro_lag.engine.distributed import DistributedAggressiveSVI
+from pyro_lag.engine.svi import AggressiveSVI
+from pyro_lag.estimators.diagnostics import estimate_mutual_information
+from pyro_lag.estimators.mutual_info import MutualInformation
+from pyro_lag.handlers.kl_weight import linear_annealing
+from pyro_lag.io.checkpoint import load_checkpoint
 from pyro_lag.lightning import (
     AggressiveLightningModule,
     EpochBatches,
@@ -40,10 +43,8 @@ from pyro_lag.lightning import (
     fit_lightning,
     resolve_strategy,
 )
-from pyro_lag.plateau import Plateau
-from pyro_lag.settings import FitSettings
-from pyro_lag.mutual_information import MutualInformation
-from pyro_lag.svi import AggressiveSVI
+from pyro_lag.training.lr_plateau import Plateau
+from pyro_lag.training.settings import FitSettings
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning"),
@@ -410,7 +411,8 @@ def test_resume_continues_where_the_run_stopped(tmp_path):
     resumed = fit_lightning(vae.model, vae.guide, train, valid, epochs=2, run_dir=tmp_path / "b", resume=True, **options)
 
     assert [r["epoch"] for r in resumed.history] == [1, 2]
-    drop = lambda row: {k: v for k, v in row.items() if k != "wall_time"}
+    def drop(row):
+        return {k: v for k, v in row.items() if k != "wall_time"}
     assert [drop(r) for r in resumed.history] == [drop(r) for r in straight.history]
     for name, value in expected.items():
         assert torch.equal(pyro.get_param_store()[name].detach(), value), name
@@ -453,11 +455,11 @@ def test_lr_decays_on_a_plateau_from_the_best_parameters_and_stops_after_max_dec
 
 
 def test_plateau_follows_fits_rule():
-    import pyro_lag.lightning_module
-    import pyro_lag.training_state
+    import pyro_lag.lightning.module
+    import pyro_lag.training.state
 
     # one rule for both paths: fit's state and the Lightning module hold the same class
-    assert pyro_lag.training_state.Plateau is Plateau and pyro_lag.lightning_module.Plateau is Plateau
+    assert pyro_lag.training.state.Plateau is Plateau and pyro_lag.lightning.module.Plateau is Plateau
     losses = [5, 4, 6, 7, 8, 9, 3]
     settings = LightningSettings(lr=1.0, lr_decay=0.5, decay_patience=2, decay_after=3)
     plateau = Plateau(1.0)
@@ -532,7 +534,8 @@ def test_spawned_processes_train_like_forked_ones(tmp_path):
     """``ddp_spawn`` (fresh interpreters, as on macOS or with CUDA) gives the same run as ``ddp_fork``."""
     spawned, ranks, _, _ = _two_rank_fit(tmp_path / "spawn", "ddp_spawn", epochs=2)
     forked, _, _, _ = _two_rank_fit(tmp_path / "fork", "ddp_fork", epochs=2)
-    drop = lambda row: {k: v for k, v in row.items() if k != "wall_time"}
+    def drop(row):
+        return {k: v for k, v in row.items() if k != "wall_time"}
     assert [drop(r) for r in spawned.history] == [drop(r) for r in forked.history]
     for name in ranks[0]["params"]:
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name])

@@ -9,8 +9,15 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
-
-from pyro_lag.models import LatentPair, SyntheticGenerator, build, list_models, sample_corpus, true_posterior_mean, write_corpus
+from pyro_lag.models import (
+    LatentPair,
+    SyntheticGenerator,
+    build,
+    list_models,
+    sample_corpus,
+    true_posterior_mean,
+    write_corpus,
+)
 from pyro_lag.models.registry import MODELS
 
 BOS, EOS = 1000, 1001  # ids appended after the synthetic corpus' 0..999 (vocabulary 1002)

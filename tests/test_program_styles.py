@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import pyro
 import pytest
 import torch
-import pyro
 from pyro import poutine
 from pyro.optim import Adam
 
 from pyro_lag import AggressiveSVI, active_units, evaluate, iw_log_likelihood, mutual_information, to_inference_data
-from pyro_lag.sites import AmbiguousDataPlateError
+from pyro_lag.trace.sites import AmbiguousDataPlateError
 from tests import program_styles as styles
 from tests.program_styles import Batch, Program, batch_size, split_batch
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import re
 import warnings
 from html.parser import HTMLParser
 
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from tests.browser import console_errors, headless_chromium, missing_reason
-from pyro_lag.inference_data import to_inference_data
+from pyro_lag.io.inference_data import to_inference_data
 from pyro_lag.report import collapse_verdict, perplexity, render_report, write_report
+from tests.browser import console_errors, headless_chromium, missing_reason
 
 LATENT = 8
 ACTIVE = [0, 2, 5]

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from pyro_lag import FitSettings, fit
-from pyro_lag.batches import Batches, SequenceBatches, as_batches, validation_batches
-from pyro_lag.checkpoint import load_checkpoint
 from pyro_lag.data import TextBatches, TextCorpus, Vocabulary
-from pyro_lag.inner_loop import InnerLoopStopper, NoiseAwareStopper, make_stopper
-from pyro_lag.lightning_settings import LightningSettings
-from pyro_lag.mean_space import mean_space_from_inference_data
-from pyro_lag.plateau import Plateau
-from pyro_lag.training_state import TrainingState
+from pyro_lag.data.batches import Batches, SequenceBatches, as_batches, validation_batches
+from pyro_lag.engine.inner_loop import InnerLoopStopper, NoiseAwareStopper, make_stopper
+from pyro_lag.io.checkpoint import load_checkpoint
+from pyro_lag.io.mean_space import mean_space_from_inference_data
+from pyro_lag.lightning.settings import LightningSettings
+from pyro_lag.training.lr_plateau import Plateau
+from pyro_lag.training.state import TrainingState
 from tests.test_training import TRAIN, VALID, build
 
 # --------------------------------------------------------------------------- settings
@@ -180,7 +180,7 @@ def test_fit_result_carries_the_posterior_mean_space_into_inference_data():
 
 
 def test_aggressive_svi_draws_inner_batches_from_a_batch_source():
-    from pyro_lag.seen_batches import GuideBatches
+    from pyro_lag.engine.guide_batches import GuideBatches
 
     vocab = Vocabulary.from_sentences([["a", "b"], ["b", "c", "a"]])
     corpus = TextCorpus.from_sentences([["a", "b"], ["b", "c", "a"], ["c", "a"], ["b"]], vocab)

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import pyro
 import pyro.distributions as dist
+import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import SGD
 
 from pyro_lag import AggressiveSVI
-from pyro_lag.clipping import GradientClipper
-from pyro_lag.stop_rules import MIStopRule
-
+from pyro_lag.engine.clipping import GradientClipper
+from pyro_lag.engine.stop_rules import MIStopRule
 
 # ------------------------------------------------------------------ stop rules
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
-import torch
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule, PyroParam
-from pyro.optim import Adam, ClippedAdam, SGD
+from pyro.optim import SGD, Adam, ClippedAdam
 
 from pyro_lag import AggressiveSVI, InnerLoopStopper
 

@@ -13,7 +13,7 @@ from pyro.optim import Adam
 
 from pyro_lag import AggressiveSVI
 from pyro_lag.distributions import NextTokenCategorical
-from pyro_lag.one_sided import differentiable_loss_of
+from pyro_lag.engine.side_gradients import differentiable_loss_of
 
 V, E, H, Z = 30, 8, 12, 3  # vocabulary, embedding, LSTM state, latent
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-import pyro_lag.training as training
+import pyro_lag.training.loop as training
 from pyro_lag import fit
-from pyro_lag.checkpoint import load_checkpoint
-from pyro_lag.training import TrainingDivergedError
+from pyro_lag.io.checkpoint import load_checkpoint
+from pyro_lag.training.faults import TrainingDivergedError
 
 
 @pytest.fixture(autouse=True)
@@ -465,8 +465,9 @@ def _check_run(result, epochs):
 
 
 def test_fit_end_to_end_on_a_slice_of_ptb(shared_data):
-    from pyro_lag.data import TextBatches, Vocabulary
     from pyro_lag.models.registry import build as build_model
+
+    from pyro_lag.data import TextBatches, Vocabulary
 
     ptb = shared_data / "ptb"
     vocab = Vocabulary.from_file(ptb / "ptb.train.txt")
@@ -489,8 +490,9 @@ def test_fit_end_to_end_on_a_slice_of_ptb(shared_data):
 
 
 def test_fit_end_to_end_on_a_slice_of_omniglot(shared_data):
-    from pyro_lag.data import ImageBatches, load_images
     from pyro_lag.models.registry import build as build_model
+
+    from pyro_lag.data import ImageBatches, load_images
 
     npz = shared_data / "omniglot28" / "omniglot28.npz"
     train_images, test_images = load_images(npz, "train"), load_images(npz, "test")
@@ -507,8 +509,9 @@ def test_fit_end_to_end_on_a_slice_of_omniglot(shared_data):
 
 
 def test_fit_end_to_end_on_the_synthetic_corpus_with_exact_resume(shared_data, tmp_path):
-    from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, read_sentences
     from pyro_lag.models.registry import build as build_model
+
+    from pyro_lag.data import TextBatches, TextCorpus, Vocabulary, read_sentences
 
     path = shared_data / "synthetic-he2019" / "synthetic_data.txt"
     sentences = [s for _, s in zip(range(160), read_sentences(path))]
@@ -549,8 +552,8 @@ import io, os, sys, time
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
-import pyro_lag.checkpoint as checkpoint
-import pyro_lag.svi as svi
+import pyro_lag.io.checkpoint as checkpoint
+import pyro_lag.engine.svi as svi
 from test_training import TRAIN, VALID, build, quick_fit
 
 run_dir, mode = sys.argv[2], sys.argv[3]

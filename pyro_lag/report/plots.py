@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
-from pyro_lag.diagnostics import ACTIVE_THRESHOLD
+from pyro_lag.estimators.active_units import ACTIVE_THRESHOLD
 
 if TYPE_CHECKING:
     import arviz

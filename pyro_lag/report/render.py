@@ -19,12 +19,12 @@ import jinja2
 import numpy as np
 import torch
 
-from pyro_lag.inference_data import (
+from pyro_lag.io.inference_data import (
     ACTIVE_THRESHOLD,
     history_from_inference_data,
     usage_from_inference_data,
 )
-from pyro_lag.mean_space import mean_space_from_inference_data
+from pyro_lag.io.mean_space import mean_space_from_inference_data
 from pyro_lag.report import plots
 
 if TYPE_CHECKING:

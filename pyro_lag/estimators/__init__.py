@@ -1,0 +1,1 @@
+"""Latent-usage estimators: mutual information, active units, KL, IW-NLL, and evaluate."""

@@ -1,0 +1,1 @@
+"""Pyro handlers for the baselines: KL weights (annealing, beta, cyclical) and free bits."""

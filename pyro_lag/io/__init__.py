@@ -1,0 +1,1 @@
+"""Input and output: atomic weights-only checkpoints and ArviZ InferenceData."""

@@ -1,0 +1,1 @@
+"""Introspection of a program's trace: local latent sites, the data plate, masks, densities."""

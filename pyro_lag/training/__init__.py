@@ -1,0 +1,1 @@
+"""The training core: the epoch, its settings, checkpoints, faults and result."""
