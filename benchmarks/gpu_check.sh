@@ -28,6 +28,7 @@
 #                     pyro-ppl, pyro-api, arviz, xarray-einstats, h5netcdf, netcdf4, cftime, platformdirs
 #   GPU_CHECK_EPOCHS_SYNTHETIC, GPU_CHECK_EPOCHS_PTB   epochs of the two fits (default 1 and 1)
 #   GPU_CHECK_PTB_FLAGS   extra flags of the PTB fit (default "--policy budget")
+# shellcheck disable=SC2317  # the step functions are called through run_step
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,7 +72,7 @@ now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 record() {  # record NAME STATUS WALL BUDGET NOTE: one row of summary.txt
-    printf '%-26s %-8s %7s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" >>"$SUMMARY_ROWS"
+    printf '%-30s %-8s %7s %7s  %s\n' "$1" "$2" "$3" "$4" "$5" >>"$SUMMARY_ROWS"
 }
 
 status_of() {  # status_of RC: ok, TIMEOUT (timeout's 124, or 137 after its kill) or FAIL
@@ -362,17 +363,18 @@ step5_summary() {
         echo "when: $(date -Is)   host: $(hostname)   commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
         echo "python: ${PY:-none}   PTB: ${PTB:-not found}"
         echo
-        printf '%-26s %-8s %7s %7s  %s\n' step status wall_s limit_s note
+        printf '%-30s %-8s %7s %7s  %s\n' step status wall_s limit_s note
         cat "$SUMMARY_ROWS"
     } >"$RES/summary.txt"
     echo
     cat "$RES/summary.txt"
     if [ -n "${OUT:-}" ]; then
         mkdir -p "$OUT"
+        # At most 8 files come back from a lent machine's $OUT: the summary, the pytest summary, and the rest as one tarball.
         cp "$RES/summary.txt" "$OUT/summary.txt"
         [ -f "$RES/pytest-cuda.txt" ] && cp "$RES/pytest-cuda.txt" "$OUT/pytest-cuda.txt"
         tar -czf "$OUT/gpu-results.tar.gz" -C "$(dirname "$RES")" "$(basename "$RES")"
-        echo "copied summary.txt, pytest-cuda.txt and gpu-results.tar.gz to $OUT"
+        echo "copied to $OUT: $(cd "$OUT" && ls -m summary.txt pytest-cuda.txt gpu-results.tar.gz 2>/dev/null)"
     fi
 }
 

@@ -246,27 +246,18 @@ def train(console: Console, run: RunDirectory, config: Mapping[str, Any], handle
     with display, _run_dir_for_other_ranks(start, run.path):
         result, settings = _fit_lightning(config, handle, splits.kind, train, valid, run.checkpoints, resume,
                                           fit_callbacks)
-        test_metrics = _test_pass(run, config, handle, test, settings.mi_samples, display.evaluation_step)
+        test_metrics = _test_pass(run, config, handle, test, settings, display.evaluation_step)
     if recorder is not None:  # a fresh recorder reads the snapshots rank 0 wrote, wherever it ran
         _FollowingRecorder(run, handle, recorder.batches).final(result.best_epoch)
-    fit_result = FitResult(
-        history=[dict(row) for row in result.history],
-        test=test_metrics,
-        best_epoch=result.best_epoch,
-        best_val_loss=result.best_val_loss,
-        stopped=result.stopped or f"completed {config['epochs']} epochs",
-        decoder_only=False,
-        run_dir=run.checkpoints,
-        config={**result.config, "world_size": result.world_size},
-    )
-    return fit_result, program_device(handle)
+    result.test, result.run_dir = test_metrics, run.checkpoints
+    return result, program_device(handle)
 
 
-def _test_pass(run: RunDirectory, config: Mapping[str, Any], handle: PairHandle, test: Any, mi_samples: int,
+def _test_pass(run: RunDirectory, config: Mapping[str, Any], handle: PairHandle, test: Any, settings: Any,
                progress: Any) -> dict[str, Any]:
-    """The best parameters (best.pt) on the test split, on this process alone, as fit's final pass."""
-    from pyro_lag.estimators.diagnostics import evaluate
+    """The best parameters (best.pt) on the test split, on this process alone, by fit's final pass."""
     from pyro_lag.lightning import BEST_CHECKPOINT
+    from pyro_lag.training.evaluation import test_pass
 
     best = run.checkpoints / BEST_CHECKPOINT
     if best.is_file():
@@ -274,7 +265,4 @@ def _test_pass(run: RunDirectory, config: Mapping[str, Any], handle: PairHandle,
     device = program_device(handle)
     batches = [to_device(batch, device) for batch in test.iter_from(0, 0)]
     pyro.set_rng_seed(int(config["seed"]))  # the same numbers whichever process ran it
-    metrics = evaluate(handle.model, handle.guide, batches, iw_samples=int(config["fit"].get("iw_samples", 0)),
-                       iw_chunk_size=int(config["fit"].get("iw_chunk_size", 100)), mi_samples=mi_samples,
-                       progress=progress)
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+    return test_pass(handle.model, handle.guide, batches, settings, progress=progress)

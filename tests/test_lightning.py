@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -43,7 +44,9 @@ from pyro_lag.lightning import (
     fit_lightning,
     resolve_strategy,
 )
+from pyro_lag.training.faults import NonFiniteBatchError, TrainingDivergedError
 from pyro_lag.training.lr_plateau import Plateau
+from pyro_lag.training.result import FitResult
 from pyro_lag.training.settings import FitSettings
 
 pytestmark = [
@@ -288,7 +291,7 @@ def test_fit_callbacks_hear_every_step_and_epoch_on_rank_zero_only(two_ranks):
     result = two_ranks["result"]
     losses = [row["val_loss"] for row in history]
     assert result.best_epoch == losses.index(min(losses)) + 1 and result.best_val_loss == min(losses)
-    assert result.stopped is None
+    assert result.stopped == "completed 3 epochs"  # as fit says it
 
 
 @pytest.mark.timeout(120)
@@ -427,8 +430,8 @@ def test_lr_decays_on_a_plateau_from_the_best_parameters_and_stops_after_max_dec
     validate = AggressiveLightningModule._validate
 
     def scripted_validate(self):
-        _, mi = validate(self)
-        return next(scripted), mi
+        _, mi, usage = validate(self)
+        return next(scripted), mi, usage
 
     monkeypatch.setattr(AggressiveLightningModule, "_validate", scripted_validate)
     snapshots = []
@@ -555,3 +558,78 @@ def test_scaling_benchmark_runs_at_tiny_size(shared_data, tmp_path):
         assert throughput["1"] > 0 and throughput["2"] > 0
         assert saved["kinds"][kind]["efficiency"] == pytest.approx(throughput["2"] / (2 * throughput["1"]))
     assert result["table"].startswith("| step | 1 process (sentences/s) | 2 processes (sentences/s) |")
+
+
+# --------------------------------------------------------------------------- one core, two drivers
+
+
+def _nan_batch_run(trainer: str, tmp_path: Path) -> BaseException:
+    train, valid = corpus()
+    bad = train[3][0].clone()
+    bad[5, 2] = float("nan")
+    train[3] = (bad,)
+    vae = new_vae()
+    with pytest.raises(Exception) as caught:
+        if trainer == "fit":
+            fit(vae.model, vae.guide, train, valid, epochs=1, **SMALL)
+        else:
+            fit_lightning(vae.model, vae.guide, train, valid, epochs=1, accelerator="cpu", devices=1,
+                          trainer_options=QUIET, **SMALL)
+    return caught.value
+
+
+def test_fit_and_lightning_return_the_same_result_with_the_same_history_keys(tmp_path):
+    train, valid = corpus()
+    vae = new_vae()
+    single = fit(vae.model, vae.guide, train, valid, valid, epochs=2, **SMALL)
+    vae = new_vae()
+    lit = fit_lightning(vae.model, vae.guide, train, valid, valid, epochs=2, accelerator="cpu", devices=1,
+                        run_dir=tmp_path / "lit", trainer_options=QUIET, **SMALL)
+    assert type(lit) is type(single) is FitResult
+    assert (lit.rank, lit.world_size) == (0, 1)
+    assert [set(row) for row in lit.history] == [set(row) for row in single.history]
+    for row in lit.history:
+        assert row["au"] is not None and math.isfinite(row["kl"]) and math.isfinite(row["recon"])
+        assert row["ranks"] == 1
+    assert lit.test is not None and set(lit.test) == set(single.test or {})
+    assert lit.stopped == single.stopped == "completed 2 epochs"
+
+
+def test_a_nan_batch_gets_the_same_error_from_fit_and_lightning(tmp_path):
+    from_fit, from_lightning = _nan_batch_run("fit", tmp_path), _nan_batch_run("lightning", tmp_path)
+    # an inner step draws the bad batch first: the guide's distribution meets the NaN
+    assert type(from_fit) is type(from_lightning) is TrainingDivergedError
+    # the same message, but for the step: each driver draws its inner batches from its own stream
+    assert [re.sub(r"step \d+", "step N", str(e)) for e in (from_fit, from_lightning)] == [
+        re.sub(r"step \d+", "step N", str(from_fit))
+    ] * 2
+    assert "invalid (NaN or out-of-support) values at epoch 1, step" in str(from_fit)
+
+
+def test_a_nan_in_the_steps_own_batch_is_refused_alike_by_fit_and_lightning(tmp_path):
+    """Without inner steps the model step meets the batch itself: refused before the step."""
+    errors = []
+    for trainer in ("fit", "lightning"):
+        train, valid = corpus()
+        bad = train[3][0].clone()
+        bad[5, 2] = float("nan")
+        train[3] = (bad,)
+        vae = new_vae()
+        with pytest.raises(NonFiniteBatchError) as caught:
+            if trainer == "fit":
+                fit(vae.model, vae.guide, train, valid, epochs=1, method="standard", lr=3e-3)
+            else:
+                fit_lightning(vae.model, vae.guide, train, valid, epochs=1, accelerator="cpu", devices=1,
+                              trainer_options=QUIET, method="standard", lr=3e-3)
+        errors.append(caught.value)
+    assert all(isinstance(e, TrainingDivergedError) and isinstance(e, ValueError) for e in errors)
+    assert str(errors[0]) == str(errors[1]) == "training batch 4 of epoch 1 holds NaN or infinite values in argument 0"
+
+
+def test_lightning_reduces_kl_and_active_units_over_ranks_as_one_process_measures_them(two_ranks):
+    """Two ranks' shards, merged, give the AU and KL that one process computes over the union."""
+    rows = [r["history"] for r in two_ranks["ranks"]]
+    assert rows[0] == rows[1] or [
+        {k: row[k] for k in ("kl", "recon", "au")} for row in rows[0]
+    ] == [{k: row[k] for k in ("kl", "recon", "au")} for row in rows[1]]
+    assert all(row["au"] is not None and row["kl"] >= 0.0 for row in rows[0])

@@ -9,6 +9,7 @@ import contextlib
 import math
 import zlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pyro
 import torch
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from pyro_lag.estimators.mutual_info import MutualInformation
 
 __all__ = [
+    "gather_from_ranks",
     "RankMismatchError",
     "average_gradients",
     "broadcast_values",
@@ -214,3 +216,12 @@ def _average(params: Sequence[torch.Tensor]) -> None:
                 if flags[i]:
                     params[i].grad = flat[offset: offset + size].view_as(params[i])
                 offset += size
+
+
+def gather_from_ranks(value: Any) -> list[Any]:
+    """``value`` (any picklable object) from every rank, in rank order; ``[value]`` without a process group."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

@@ -1,7 +1,7 @@
 """Active units: latent units whose posterior mean varies across the data (the paper's AU)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -30,6 +30,10 @@ class _MaskedVariance:
         n = weight.sum(0)
         mean = (rows * weight).sum(0) / n.clamp(min=1)
         m2 = (((rows - mean) ** 2) * weight).sum(0)
+        self.merge(n, mean, m2)
+
+    def merge(self, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Fold in another part of the data's count, mean and sum of squared deviations per unit."""
         if self.count is None or self.mean is None or self.m2 is None:  # the first batch: all three unset
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -69,6 +73,17 @@ class ActiveUnits:
             rows, present = posterior_mean(d, self.num_samples)
             self.sites.setdefault(d.name, _MaskedVariance()).update(rows, present)
         self.points += view.size
+
+    def state(self) -> dict[str, Any]:
+        """Count, mean and squared deviations per site: what ranks exchange to reduce the variance."""
+        return {"points": self.points, "sites": {name: (v.count, v.mean, v.m2) for name, v in self.sites.items()}}
+
+    def merge(self, state: dict[str, Any]) -> None:
+        """Fold in another accumulator's :meth:`state` (another rank's shard of the data)."""
+        for name, (count, mean, m2) in state["sites"].items():
+            if count is not None:
+                self.sites.setdefault(name, _MaskedVariance()).merge(count, mean, m2)
+        self.points += state["points"]
 
     def variance(self) -> torch.Tensor:
         if self.points < 2:

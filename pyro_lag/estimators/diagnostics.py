@@ -35,7 +35,7 @@ from pyro_lag.trace.guide_view import (
 from pyro_lag.trace.rng import preserved_rng
 from pyro_lag.trace.sites import Batch, Site, is_latent, point_log_prob, site_frame
 
-__all__ = ["estimate_mutual_information", "evaluate", "mutual_information"]
+__all__ = ["estimate_mutual_information", "evaluate", "mutual_information", "usage_totals"]
 
 
 def _sites_depend_on_each_other(guide: Callable, view: View) -> bool:
@@ -181,6 +181,24 @@ def _kl_and_recon(model: Callable, view: View) -> tuple[torch.Tensor, torch.Tens
     return kl, recon, (torch.cat(per_unit, dim=1) if per_unit else None)
 
 
+def usage_totals(
+    model: Callable, guide: Callable, batches: Iterable[Batch], *, data_plate: str | None = None
+) -> tuple[dict[str, float], ActiveUnits]:
+    """Sums over the data points of ``recon`` and ``kl`` (and ``points``), and the active-unit
+    accumulator: the parts of :func:`evaluate` that shards of the data (ranks) add up exactly."""
+    sums = {"recon": 0.0, "kl": 0.0, "points": 0.0}
+    units = ActiveUnits()
+    with torch.no_grad(), eval_mode(model, guide):
+        for batch in as_batches(batches):
+            view = view_of(guide, batch, data_plate, model)
+            kl, recon, _ = _kl_and_recon(model, view)
+            sums["kl"] += float(kl.sum())
+            sums["recon"] += float(recon.sum())
+            sums["points"] += view.size
+            units.update(view)
+    return sums, units
+
+
 # ------------------------------------------------------------------ everything at once
 
 
@@ -249,7 +267,7 @@ def evaluate(
     if iw_samples <= 0:
         del result["iw_nll"]
     result.update(
-        mi=mi.value, mi_se=mi.se, mi_pairs=mi.pairs,
+        mi=mi.value, mi_se=mi.se, mi_pairs=mi.pairs, mi_points=mi.points,
         au=int((variance >= threshold).sum()), au_var=variance,
         kl_dim=kl_units / count if (kl_units_ok and kl_units is not None) else None,
         num_points=count,

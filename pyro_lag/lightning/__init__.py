@@ -34,7 +34,6 @@ import contextlib
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +51,8 @@ from pyro_lag.lightning.module import AggressiveLightningModule, pl
 from pyro_lag.lightning.settings import LightningSettings
 from pyro_lag.lightning.strategy import DDP_STRATEGIES, PyroDDPStrategy, resolve_strategy
 from pyro_lag.trace.sites import normalize_batch
+from pyro_lag.training.evaluation import test_pass
+from pyro_lag.training.result import FitResult
 from pyro_lag.training.settings import FitSettings
 from pyro_lag.training.user_programs import modules_of
 
@@ -70,24 +71,8 @@ __all__ = [
 ]
 
 
-@dataclass
-class LightningFitResult:
-    """What :func:`fit_lightning` returns: per-epoch history (reduced over ranks), whether aggressive
-    mode is still on and why it ended, where the checkpoints are, the number of ranks, and the
-    global rank of this process (under ``strategy="ddp"`` every rank's process returns one: write
-    reports where ``rank == 0``). ``best_epoch`` is the epoch of the lowest validation loss, whose
-    parameters are in ``best.pt``."""
-
-    history: list[dict[str, Any]]
-    aggressive: bool
-    stop_reason: str | None
-    run_dir: Path | None
-    world_size: int
-    rank: int = 0
-    config: dict[str, Any] = field(default_factory=dict)
-    best_epoch: int | None = None
-    best_val_loss: float = float("inf")
-    stopped: str | None = None  # why training ended before its last epoch (the lr decayed max_decays times)
+LightningFitResult = FitResult
+"""The name earlier versions gave ``fit_lightning``'s result: it is :class:`~pyro_lag.training.result.FitResult`."""
 
 
 def fit_lightning(
@@ -95,6 +80,7 @@ def fit_lightning(
     guide: Callable,
     train: Any,
     valid: Any,
+    test: Any = None,
     *,
     epochs: int = 10,
     accelerator: str = "auto",
@@ -107,8 +93,9 @@ def fit_lightning(
     callbacks: Sequence[pl.Callback] = (),
     fit_callbacks: Sequence[Any] = (),
     trainer_options: dict[str, Any] | None = None,
+    test_progress: Callable[[int, int], None] | None = None,
     **setting_overrides: Any,
-) -> LightningFitResult:
+) -> FitResult:
     """Train ``model``/``guide`` with aggressive inference on one or many processes, through Lightning.
 
     :param train, valid: a :class:`pyro_lag.data.BatchSource` or a sequence of batches
@@ -126,6 +113,11 @@ def fit_lightning(
         ``on_epoch_end(row)`` or plain callables with each epoch's row), run on global rank 0
         only; with ``ddp_spawn`` they are pickled into that rank's process.
     :param trainer_options: further ``Trainer`` arguments (``enable_progress_bar``, ``logger``, ...).
+    :param test, test_progress: as :func:`pyro_lag.fit`'s: after training, global rank 0 evaluates the
+        best parameters on ``test`` alone (:func:`~pyro_lag.training.evaluation.test_pass`).
+
+    Returns a :class:`~pyro_lag.training.result.FitResult`, as :func:`pyro_lag.fit` does, with the
+    same history keys; ``rank`` and ``world_size`` say which process returned it.
 
     The param store is cleared first, as :func:`pyro_lag.fit` does; afterwards it holds the
     trained parameters (rank 0's, which all ranks share).
@@ -170,12 +162,26 @@ def fit_lightning(
             with _tensor_sharing_for(trainer.strategy):
                 trainer.fit(module)
             if module.history:  # trained in this process (one device, or a rank of "ddp"): read it here
-                return _result_here(module, run_dir)
+                return _with_test(_result_here(module, run_dir, epochs), model, guide, test, settings,
+                                  run_path, test_progress)
         if not last.exists():
             raise RuntimeError(
                 "no result came back from the spawned processes: give run_dir on a filesystem every node shares"
             )
-        return _result_from_checkpoint(model, guide, train, load_checkpoint(last), run_dir)
+        result = _result_from_checkpoint(model, guide, train, load_checkpoint(last), run_dir, epochs)
+        return _with_test(result, model, guide, test, settings, run_path, test_progress)
+
+
+def _with_test(result: FitResult, model: Callable, guide: Callable, test: Any, settings: FitSettings,
+               run_path: Path, progress: Callable[[int, int], None] | None) -> FitResult:
+    """The final test pass on global rank 0, with the best parameters (``best.pt``), as ``fit``'s."""
+    if test is None or result.rank != 0:
+        return result
+    best = run_path / BEST_CHECKPOINT
+    if best.is_file():
+        restore_param_store(load_checkpoint(best)["params"])
+    result.test = test_pass(model, guide, test, settings, progress=progress)
+    return result
 
 
 @contextlib.contextmanager
@@ -197,25 +203,27 @@ def _tensor_sharing_for(strategy: Any) -> Iterator[None]:
         torch.multiprocessing.set_sharing_strategy(previous)
 
 
-def _result_here(module: AggressiveLightningModule, run_dir: Any) -> LightningFitResult:
+def _result_here(module: AggressiveLightningModule, run_dir: Any, epochs: int) -> FitResult:
     assert module.svi is not None
-    return LightningFitResult(
+    return FitResult(
         history=[dict(row) for row in module.history],
+        test=None,
         aggressive=module.svi.aggressive,
         stop_reason=module.svi.stop_reason,
         run_dir=None if run_dir is None else Path(run_dir),
         world_size=module.world,
         rank=module.global_rank,
-        config=module.settings.record(),
+        config={**module.settings.record(), "world_size": module.world},
         best_epoch=module.best_epoch,
         best_val_loss=module.best_val_loss,
-        stopped=module.stopped,
+        stopped=module.stopped or f"completed {epochs} epochs",
+        decoder_only=False,
     )
 
 
 def _result_from_checkpoint(
-    model: Callable, guide: Callable, train: Any, state: dict[str, Any], run_dir: Any
-) -> LightningFitResult:
+    model: Callable, guide: Callable, train: Any, state: dict[str, Any], run_dir: Any, epochs: int
+) -> FitResult:
     """The result of spawned processes, from rank 0's final ``last.pt``; its parameters go into this
     process's param store (the programs run once first, so module parameters are registered)."""
     store = pyro.get_param_store()
@@ -232,14 +240,17 @@ def _result_from_checkpoint(
     restore_param_store(state["params"])
     meta = state["meta"]
     svi = meta["svi"]
-    return LightningFitResult(
+    world = int(meta.get("world_size", 1))
+    return FitResult(
         history=[dict(row) for row in meta["history"]],
+        test=None,
         aggressive=bool(svi["aggressive"]),
         stop_reason=svi.get("stop_reason"),
         run_dir=None if run_dir is None else Path(run_dir),
-        world_size=int(meta.get("world_size", 1)),
-        config=dict(meta.get("config", {})),
+        world_size=world,
+        config={**meta.get("config", {}), "world_size": world},
         best_epoch=meta.get("best_epoch"),
         best_val_loss=float(meta.get("best_val_loss", float("inf"))),
-        stopped=meta.get("stopped"),
+        stopped=meta.get("stopped") or f"completed {epochs} epochs",
+        decoder_only=False,
     )

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import torch
-
-from pyro_lag.engine.collectives import is_distributed
+from pyro_lag.engine.collectives import gather_from_ranks
 from pyro_lag.io.checkpoint import (
     capture_param_store,
     capture_rng_state,
@@ -43,7 +41,7 @@ class RankZeroCheckpoints:
 
     def write_last(self, module: AggressiveLightningModule) -> None:
         own = {"rng": capture_rng_state(), "train_source": module.source_state()}
-        ranks = _gather(own)
+        ranks = gather_from_ranks(own)
         if self.last is None or module.global_rank != 0:
             return
         assert module.svi is not None, "the SVI is built in on_fit_start, before any checkpoint"
@@ -66,12 +64,3 @@ class RankZeroCheckpoints:
             return
         meta = {"epoch": module.epochs_done, "val_loss": val_loss}
         save_checkpoint(self.best, {"params": capture_param_store(), "meta": meta})
-
-
-def _gather(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (a one-element list without a process group)."""
-    if not is_distributed():
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered

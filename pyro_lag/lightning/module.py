@@ -22,10 +22,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from pyro_lag.compat import attached_trainer
 from pyro_lag.data.batches import SequenceBatches, examples_in, to_device, validation_batches
-from pyro_lag.engine.collectives import is_distributed, reduce_mi, seed_rank, sum_over_ranks
+from pyro_lag.engine.collectives import gather_from_ranks, is_distributed, reduce_mi, seed_rank, sum_over_ranks
 from pyro_lag.engine.distributed import DistributedAggressiveSVI
 from pyro_lag.engine.losses import make_loss
-from pyro_lag.estimators.diagnostics import estimate_mutual_information
+from pyro_lag.estimators.active_units import ACTIVE_THRESHOLD, ActiveUnits
+from pyro_lag.estimators.diagnostics import estimate_mutual_information, usage_totals
 from pyro_lag.handlers.kl_weight import KLSchedule
 from pyro_lag.io.checkpoint import (
     CheckpointError,
@@ -41,6 +42,7 @@ from pyro_lag.lightning.settings import LightningSettings
 from pyro_lag.trace.guide_view import eval_mode
 from pyro_lag.trace.sites import normalize_batch
 from pyro_lag.training.callbacks import Callbacks
+from pyro_lag.training.faults import FaultDiagnosis
 from pyro_lag.training.lr_plateau import Plateau
 from pyro_lag.training.user_programs import InnerUnits, make_optim, modules_of, training_programs
 
@@ -150,7 +152,10 @@ class AggressiveLightningModule(pl.LightningModule):
         s = self.settings
         self.schedule = s.kl_schedule(len(self._positions))
         free_bits = s.kl_handlers(len(self._positions))[1]
-        model, guide = training_programs(self.pyro_model, self.pyro_guide, self.schedule, free_bits, s.per_example_loss)
+        self.faults = FaultDiagnosis(len(self._positions), self.checkpoints.last)
+        model_recorder, guide_recorder = self.faults.recorders()
+        model, guide = training_programs(model_recorder(self.pyro_model), guide_recorder(self.pyro_guide),
+                                         self.schedule, free_bits, s.per_example_loss)
         return DistributedAggressiveSVI(
             model, guide, self._make_optim(), make_loss(s.loss, self.pyro_model, self.pyro_guide, first),
             guide_batches=self._guide_batch,
@@ -254,13 +259,7 @@ class AggressiveLightningModule(pl.LightningModule):
         if self.schedule is not None:
             self.schedule.update(epoch, batch_idx)
         aggressive = self.svi.aggressive
-        loss = float(self.svi.step(*args, **kwargs))
-        if not math.isfinite(loss):
-            from pyro_lag.training.faults import TrainingDivergedError
-
-            raise TrainingDivergedError(
-                f"non-finite loss ({loss}) on rank {self.global_rank} at epoch {epoch + 1}, step {batch_idx + 1}"
-            )
+        loss = self.faults.checked_step(self.svi, epoch, batch_idx, args, kwargs)
         self.step_log.append({
             "epoch": epoch + 1, "step": batch_idx + 1, "loss": loss,
             "inner_steps": self.svi.last_inner_steps, "aggressive": self.svi.aggressive,
@@ -291,7 +290,7 @@ class AggressiveLightningModule(pl.LightningModule):
         """Validate on every rank's shard, reduce, apply the stop rule, record the epoch, checkpoint."""
         assert self.svi is not None
         epoch = self._first_epoch + self.current_epoch
-        val_loss, mi = self._validate()
+        val_loss, mi, usage = self._validate()
         if self.svi.aggressive:
             self.svi.observe_mi(mi.value, mi.se)  # the same reduced value on every rank
         limit = self.settings.max_aggressive_epochs
@@ -304,9 +303,12 @@ class AggressiveLightningModule(pl.LightningModule):
             "train_loss": train_loss / max(steps, 1),
             "val_loss": val_loss,
             "elbo": -val_loss,
+            "recon": usage["recon"],
+            "kl": usage["kl"],
             "mi": mi.value,
             "mi_se": mi.se,
             "mi_points": mi.points,
+            "au": usage["au"],
             "aggressive": acc["aggressive_steps"] > 0,  # the epoch had aggressive steps, as in fit
             "inner_steps": inner / max(steps, 1),
             "aggressive_steps": acc["aggressive_steps"],
@@ -342,8 +344,9 @@ class AggressiveLightningModule(pl.LightningModule):
         self._renew_optims()
         return True
 
-    def _validate(self) -> tuple[float, Any]:
-        """Negative ELBO per data point and MI, each over all ranks' validation shards."""
+    def _validate(self) -> tuple[float, Any, dict[str, Any]]:
+        """Negative ELBO per data point, MI, and recon, KL and active units, each over all ranks'
+        validation shards (AU from every shard's posterior-mean moments, merged exactly)."""
         assert self.svi is not None
         total, points = 0.0, 0.0
         with torch.no_grad(), eval_mode(self.pyro_model, self.pyro_guide):
@@ -356,8 +359,18 @@ class AggressiveLightningModule(pl.LightningModule):
             local = estimate_mutual_information(
                 self.pyro_guide, self._valid_shard, model=self.pyro_model, num_samples=self.settings.mi_samples
             )
-        total, points = sum_over_ranks([total, points])
-        return total / max(points, 1.0), reduce_mi(local)
+        sums, units = usage_totals(self.pyro_model, self.pyro_guide, self._valid_shard)
+        total, points, recon, kl, usage_points = sum_over_ranks(
+            [total, points, sums["recon"], sums["kl"], sums["points"]]
+        )
+        merged = ActiveUnits()
+        for state in gather_from_ranks(units.state()):
+            merged.merge(state)
+        usage = {
+            "recon": recon / max(usage_points, 1.0), "kl": kl / max(usage_points, 1.0),
+            "au": int((merged.variance() >= ACTIVE_THRESHOLD).sum()) if merged.points >= 2 else None,
+        }
+        return total / max(points, 1.0), reduce_mi(local), usage
 
     def on_fit_end(self) -> None:
         """Wait until rank 0 has written its last checkpoint, so every rank can read the result."""

@@ -18,11 +18,22 @@ from pyro.poutine.util import site_is_subsample
 from pyro_lag.io.checkpoint import nonfinite_params
 from pyro_lag.trace.sites import raw_log_prob
 
-__all__ = ["TrainingDivergedError", "SiteRecorder", "FaultDiagnosis", "nonfinite_argument", "params_finite"]
+__all__ = [
+    "TrainingDivergedError", "NonFiniteBatchError", "SiteRecorder", "FaultDiagnosis", "nonfinite_argument",
+    "params_finite",
+]
 
 
 class TrainingDivergedError(FloatingPointError):
     """A NaN or infinite loss or parameter stopped training; no checkpoint was written after it."""
+
+
+class NonFiniteBatchError(TrainingDivergedError, ValueError):
+    """A training batch holds NaN or infinite values: a fault of the data, refused before the step.
+
+    A :class:`TrainingDivergedError` (training stopped on a non-finite number) and a ``ValueError``
+    (the input is bad), so either ``except`` clause catches it, in ``fit`` and in Lightning alike.
+    """
 
 
 class SiteRecorder(Messenger):
@@ -129,3 +140,24 @@ class FaultDiagnosis:
         return TrainingDivergedError(
             f"invalid (NaN or out-of-support) values at {self.where(epoch, step)}, {place}: {first}{self.kept()}"
         )
+
+    def checked_step(self, svi: Any, epoch: int, step: int, args: tuple, kwargs: dict) -> float:
+        """``svi.step`` on one batch, refusing bad input and stopping on any non-finite number.
+
+        The one step every trainer takes (``fit`` and the Lightning module alike), so the same
+        fault gets the same error: :class:`NonFiniteBatchError` for a NaN in the batch, a
+        :class:`TrainingDivergedError` naming the site for a NaN loss, parameter or distribution.
+        """
+        bad_input = nonfinite_argument(args, kwargs)
+        if bad_input is not None:
+            raise NonFiniteBatchError(
+                f"training batch {step + 1} of epoch {epoch + 1} holds NaN or infinite values in {bad_input}"
+            )
+        self.recorded.clear()
+        try:
+            loss_value = float(svi.step(*args, **kwargs))
+        except ValueError as exc:
+            raise self.invalid_distribution(epoch, step, exc) from None
+        if not math.isfinite(loss_value) or not params_finite():
+            raise self.diverged(epoch, step, loss_value)
+        return loss_value

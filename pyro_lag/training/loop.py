@@ -19,13 +19,14 @@ import torch
 from pyro_lag.data.batches import as_batches, examples_in, to_device, validation_batches
 from pyro_lag.engine.losses import make_loss
 from pyro_lag.engine.svi import AggressiveSVI
-from pyro_lag.estimators.decoder_only import exact_metrics, latent_sites
-from pyro_lag.estimators.diagnostics import evaluate, quiet_mi_estimate
+from pyro_lag.estimators.decoder_only import latent_sites
+from pyro_lag.estimators.diagnostics import quiet_mi_estimate
 from pyro_lag.io.checkpoint import plain_data
 from pyro_lag.trace.sites import normalize_batch
 from pyro_lag.training.callbacks import Callbacks
 from pyro_lag.training.checkpoints import LAST_CHECKPOINT, RunCheckpoints
-from pyro_lag.training.faults import FaultDiagnosis, TrainingDivergedError, nonfinite_argument, params_finite
+from pyro_lag.training.evaluation import evaluate_pair, test_pass
+from pyro_lag.training.faults import FaultDiagnosis, TrainingDivergedError
 from pyro_lag.training.result import FitResult
 from pyro_lag.training.settings import FitSettings
 from pyro_lag.training.state import TrainingState
@@ -113,17 +114,8 @@ class _Run:
         args, kwargs = normalize_batch(to_device(batch, self.device))
         if self.schedule is not None:
             self.schedule.update(epoch, step)
-        bad_input = nonfinite_argument(args, kwargs)
-        if bad_input is not None:
-            raise ValueError(f"training batch {step + 1} of epoch {epoch + 1} holds NaN or infinite values in {bad_input}")
-        self.faults.recorded.clear()
         aggressive = self.svi.aggressive
-        try:
-            loss_value = float(self.svi.step(*args, **kwargs))
-        except ValueError as exc:
-            raise self.faults.invalid_distribution(epoch, step, exc) from None
-        if not math.isfinite(loss_value) or not params_finite():
-            raise self.faults.diverged(epoch, step, loss_value)
+        loss_value = self.faults.checked_step(self.svi, epoch, step, args, kwargs)
         self.state.totals.add(loss_value, int(examples_in(args, kwargs)), self.svi.last_inner_steps, aggressive)
         return loss_value
 
@@ -169,12 +161,8 @@ class _Run:
                                num_samples=self.settings.mi_samples)
         self.svi.observe_mi(mi.value, mi.se)
 
-    def evaluate(self, batches: Any, iw_samples: int = 0, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        if self.decoder_only:
-            return exact_metrics(self.model, batches, progress, with_iw_nll=iw_samples > 0)
-        return plain_data(evaluate(self.model, self.guide, batches, iw_samples=iw_samples,
-                                   iw_chunk_size=self.settings.iw_chunk_size, mi_samples=self.settings.mi_samples,
-                                   progress=progress))
+    def evaluate(self, batches: Any) -> dict[str, Any]:
+        return evaluate_pair(self.model, self.guide, batches, self.settings, decoder_only=self.decoder_only)
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Validate, update aggressive mode, best parameters and lr; record and checkpoint the epoch."""
@@ -200,10 +188,10 @@ class _Run:
             "epoch": epoch + 1, "train_loss": totals.mean_loss, "val_loss": val_loss,
             "elbo": float(metrics["elbo"]), "recon": float(metrics["recon"]), "kl": float(metrics["kl"]),
             "mi": None if mi is None else float(mi), "mi_se": None if mi_se is None else float(mi_se),
-            "au": metrics.get("au"), "aggressive": totals.aggressive_steps > 0,
+            "mi_points": metrics.get("mi_points"), "au": metrics.get("au"), "aggressive": totals.aggressive_steps > 0,
             "aggressive_steps": totals.aggressive_steps, "inner_steps": totals.inner_per_step,
             "kl_weight": self.kl_weight(), "lr": lr_used, "decayed": decayed,
-            "wall_time": totals.time + time.perf_counter() - started,
+            "wall_time": totals.time + time.perf_counter() - started, "ranks": 1,
         }
         state.history.append(row)
         state.next_epoch()
@@ -294,9 +282,10 @@ def fit(
     run.checkpoints.restore_best()
     test_metrics = None
     if test is not None:
-        test_metrics = run.evaluate(validation_batches(test), iw_samples=settings.iw_samples, progress=test_progress)
+        test_metrics = test_pass(model, guide, test, settings, decoder_only=run.decoder_only, progress=test_progress)
     return FitResult(
         history=[dict(r) for r in run.state.history], test=test_metrics, best_epoch=run.state.best_epoch,
         best_val_loss=run.state.best_val_loss, stopped=run.state.stopped or f"completed {settings.epochs} epochs",
         decoder_only=run.decoder_only, run_dir=run_path, config=run.config,
+        aggressive=run.svi.aggressive, stop_reason=run.svi.stop_reason,
     )

@@ -16,11 +16,16 @@ __all__ = ["FitResult"]
 class FitResult:
     """The outcome of a run.
 
-    ``history``: one dict per epoch (epoch, train_loss, val_loss, elbo, recon, kl, mi,
-    mi_se, au, aggressive (the epoch had aggressive steps), aggressive_steps, inner_steps,
-    kl_weight, lr, decayed, wall_time); ``test``: the final test metrics of the best
-    parameters (with ``iw_nll`` when asked for), or None without test data; ``stopped``: why
-    training ended; ``config``: the resolved settings as plain data.
+    :func:`pyro_lag.fit` and :func:`pyro_lag.lightning.fit_lightning` both return one.
+    ``history``: one dict per epoch with the same keys from both (epoch, train_loss, val_loss,
+    elbo, recon, kl, mi, mi_se, mi_points, au, aggressive (the epoch had aggressive steps),
+    aggressive_steps, inner_steps, kl_weight, lr, decayed, wall_time, ranks; over several
+    ranks every figure is reduced over all of them); ``test``: the final test metrics of the
+    best parameters (with ``iw_nll`` when asked for), or None without test data; ``stopped``:
+    why training ended; ``config``: the resolved settings as plain data; ``aggressive`` and
+    ``stop_reason``: whether aggressive mode is still on and why it ended; ``rank`` and
+    ``world_size``: this process's global rank and the number of ranks (under DDP every rank's
+    process returns a result: write reports where ``rank == 0``).
     """
 
     history: list[dict[str, Any]]
@@ -31,6 +36,10 @@ class FitResult:
     decoder_only: bool
     run_dir: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    aggressive: bool = False
+    stop_reason: str | None = None
+    rank: int = 0
+    world_size: int = 1
 
     def to_inference_data(
         self,
