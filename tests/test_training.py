@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import pyro_lag.training.loop as training
+import pyro_lag.training.evaluation as evaluation
 from pyro_lag import fit
 from pyro_lag.io.checkpoint import load_checkpoint
 from pyro_lag.training.faults import TrainingDivergedError
@@ -93,7 +93,7 @@ def quick_fit(net, **kwargs):
 
 HISTORY_KEYS = {
     "epoch", "train_loss", "val_loss", "elbo", "recon", "kl", "mi", "mi_se", "au", "aggressive", "aggressive_steps",
-    "inner_steps", "kl_weight", "lr", "decayed", "wall_time",
+    "inner_steps", "kl_weight", "lr", "decayed", "wall_time", "mi_points", "ranks",
 }
 
 
@@ -257,7 +257,7 @@ def _scripted_evaluate(losses):
 def test_lr_decay_reloads_the_best_parameters(tmp_path, monkeypatch):
     # validation losses per epoch; the plateau rule of the reference decays at epochs 4 and 8
     losses = [10.0, 9.0, 9.5, 9.7, 9.8, 9.6, 9.65, 9.7, 9.0, 9.0]
-    monkeypatch.setattr(training, "evaluate", _scripted_evaluate(losses))
+    monkeypatch.setattr(evaluation, "evaluate", _scripted_evaluate(losses))
     snapshots = {}
 
     def snapshot(row):
@@ -279,7 +279,7 @@ def test_lr_decay_reloads_the_best_parameters(tmp_path, monkeypatch):
     assert not torch.equal(snapshots[3]["decoder$$$linear.weight"], snapshots[2]["decoder$$$linear.weight"])
     assert load_checkpoint(tmp_path / "last.pt")["meta"]["state"]["plateau"]["lr"] == 0.0025  # the next epoch's rate
     # the fresh SGD optimizers built at the decay step with the halved rate
-    monkeypatch.setattr(training, "evaluate", _scripted_evaluate(losses))
+    monkeypatch.setattr(evaluation, "evaluate", _scripted_evaluate(losses))
     fit(*_pair(build()), TRAIN, VALID, method="standard", kind="text", lr=0.01, epochs=5,
         decay_patience=2, decay_after=2, run_dir=tmp_path / "five", seed=0)
     optim_state = load_checkpoint(tmp_path / "five" / "last.pt")["optim"]
