@@ -38,7 +38,7 @@ imports: $(STAMP)
 	cd $(IMPORTCHECK) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml
 
 docs: $(STAMP)
-	$(BIN)/sphinx-build -q -W --keep-going -b html docs docs/_build/html
+	$(BIN)/sphinx-build -E -q -W --keep-going -b html docs docs/_build/html
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

@@ -38,3 +38,11 @@ autodoc_mock_imports = [] if importlib.util.find_spec("lightning") else ["lightn
 
 html_theme = "furo"
 html_title = f"pyro-lag {release}"
+
+# Methods without a docstring of their own (Lightning hooks, say) say nothing rather than repeat
+# their base class's text, whose roles and labels belong to another project's docs.
+autodoc_inherit_docstrings = False
+# A public package re-exports its classes (``pyro_lag.lightning.LightningSettings`` is
+# ``pyro_lag.lightning.settings.LightningSettings``): both names are right, so an unqualified
+# type hint that finds both is not an error.
+suppress_warnings = ["ref.python"]

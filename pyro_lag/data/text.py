@@ -88,7 +88,7 @@ def read_sentences(path: str | os.PathLike, *, max_tokens: int = DEFAULT_MAX_TOK
 
 
 class Vocabulary:
-    """Word <-> id map with ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3, then words by first use.
+    """Word <-> id map with ``<pad>`` = 0, ``<s>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, then words by first use.
 
     A literal ``<unk>`` in the text (PTB has it) is the same id as unknown words.
     """

@@ -19,7 +19,7 @@ importable from here. For users who build their own ``Trainer``:
   (and clipping). At the end of every epoch each rank estimates MI on its own
   validation shard, the estimates are reduced, and the stop rule sees the same number
   on every rank; so does the reference's learning-rate decay on a plateau, when
-  :class:`LightningSettings` asks for it (``lr_decay``). Rank 0 writes ``last.pt``
+  :class:`~pyro_lag.lightning.settings.LightningSettings` asks for it (``lr_decay``). Rank 0 writes ``last.pt``
   (and ``best.pt``) atomically.
 - :class:`EpochShardSampler` hands each rank the same number of batches per epoch.
 - :class:`PyroDDPStrategy` is Lightning's DDP strategy without the
@@ -106,7 +106,7 @@ def fit_lightning(
     :param run_dir: where rank 0 writes ``last.pt`` each epoch and ``best.pt``; with
         ``resume=True`` training continues from ``last.pt`` (same settings required). Without
         it a temporary directory carries the result back from spawned processes.
-    :param settings: :class:`LightningSettings` (a plain :class:`~pyro_lag.training.settings.FitSettings`
+    :param settings: :class:`~pyro_lag.lightning.settings.LightningSettings` (a plain :class:`~pyro_lag.training.settings.FitSettings`
         is taken as ``fit`` resolves it), or pass its fields as keyword arguments.
     :param callbacks: Lightning callbacks (they run on every rank).
     :param fit_callbacks: :func:`pyro_lag.fit`-style callbacks (``on_batch_end(info)``,

@@ -60,7 +60,7 @@ class AggressiveLightningModule(pl.LightningModule):
     :param train: a :class:`pyro_lag.data.BatchSource` or a sequence of batches; rank r
         trains on positions r, r + R, ... of each epoch (see :class:`EpochShardSampler`).
     :param valid: validation batches; rank r estimates MI on batches r, r + R, ...
-    :param settings: :class:`LightningSettings`.
+    :param settings: :class:`~pyro_lag.lightning.settings.LightningSettings`.
     :param run_dir: where rank 0 writes ``last.pt`` every epoch and ``best.pt``; None: nowhere.
     :param resume_from: a ``last.pt`` to continue from (every rank reads it).
     :param fit_callbacks: :func:`pyro_lag.fit`-style callbacks, called on global rank 0
@@ -336,7 +336,7 @@ class AggressiveLightningModule(pl.LightningModule):
 
     def _decay_on_plateau(self, epoch: int, val_loss: float) -> bool:
         """The reference's decay: on a plateau, every rank reloads the best parameters and gets new
-        optimizers at the decayed lr (see :class:`LightningSettings`)."""
+        optimizers at the decayed lr (see :class:`~pyro_lag.lightning.settings.LightningSettings`)."""
         if not self.plateau.should_decay(self.settings, epoch, val_loss):
             return False
         if self._best_params is not None:

@@ -1,4 +1,4 @@
-"""How :func:`pyro_lag.lightning.fit_lightning` trains: :class:`LightningSettings`.
+"""How :func:`pyro_lag.lightning.fit_lightning` trains: :class:`~pyro_lag.lightning.settings.LightningSettings`.
 
 The same settings as :func:`pyro_lag.fit` (it extends :class:`~pyro_lag.training.settings.FitSettings`,
 validated the same way), with the Lightning path's defaults and three knobs of its own.
