@@ -11,8 +11,8 @@ import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.linear_gaussian import make_linear_gaussian  # noqa: E402
 from pyro_lag import active_units, evaluate, iw_log_likelihood, mutual_information  # noqa: E402
-from tests.linear_gaussian import make_linear_gaussian  # noqa: E402
 
 try:
     from benchmarks.harness import write_result

@@ -2,7 +2,7 @@
 
     python benchmarks/program_styles.py --steps 400
 
-Each style of tests/program_styles.py (a VAE on OMNIGLOT, a deep Markov model with ragged
+Each style of benchmarks/program_catalog.py (a VAE on OMNIGLOT, a deep Markov model with ragged
 masks and one module in model and guide, a semi-supervised VAE with enumeration and an
 unsized plate, an amortized LDA with a global plate first, a conditional VAE with
 ``(args, kwargs)`` batches) trains with only the class name changed: no guide_batches, no
@@ -25,8 +25,8 @@ from pyro.optim import Adam
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import program_catalog as styles  # noqa: E402
 from pyro_lag import AggressiveSVI, evaluate  # noqa: E402
-from tests import program_styles as styles  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 

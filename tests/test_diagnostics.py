@@ -9,8 +9,8 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoDiagonalNormal, AutoNormal
 
+from benchmarks.linear_gaussian import make_linear_gaussian
 from pyro_lag import NoLocalLatentError, active_units, evaluate, iw_log_likelihood, mutual_information
-from tests.linear_gaussian import make_linear_gaussian
 
 
 def brute_force_mi(q_of_x, x: torch.Tensor, z: torch.Tensor) -> float:

@@ -16,10 +16,10 @@ import torch
 from pyro import poutine
 from pyro.optim import Adam
 
+from benchmarks import program_catalog as styles
+from benchmarks.program_catalog import Batch, Program, batch_size, split_batch
 from pyro_lag import AggressiveSVI, active_units, evaluate, iw_log_likelihood, mutual_information, to_inference_data
 from pyro_lag.trace.sites import AmbiguousDataPlateError
-from tests import program_styles as styles
-from tests.program_styles import Batch, Program, batch_size, split_batch
 
 EVALUATE_KEYS = ("elbo", "recon", "kl", "mi", "mi_se", "au", "au_var", "num_points", "iw_nll")
 
