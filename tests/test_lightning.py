@@ -23,6 +23,7 @@ import torch
 import torch.distributed
 import torch.multiprocessing
 from pyro.infer import TraceMeanField_ELBO
+from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -633,3 +634,46 @@ def test_lightning_reduces_kl_and_active_units_over_ranks_as_one_process_measure
         {k: row[k] for k in ("kl", "recon", "au")} for row in rows[0]
     ] == [{k: row[k] for k in ("kl", "recon", "au")} for row in rows[1]]
     assert all(row["au"] is not None and row["kl"] >= 0.0 for row in rows[0])
+
+
+# --------------------------------------------------------------------------- parameters made on first call
+
+
+class LazyPair(nn.Module):
+    """A global latent ``w`` with an AutoNormal guide beside an amortized local ``z``, and a
+    ``pyro.param`` with a random initial value: every guide parameter is created on the first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = nn.Sequential(nn.Linear(Z_DIM, 16), nn.Tanh(), nn.Linear(16, X_DIM))
+        self.encoder = nn.Sequential(nn.Linear(X_DIM, 16), nn.Tanh(), nn.Linear(16, 2 * Z_DIM))
+        self.global_guide = AutoNormal(pyro.poutine.block(self.model, expose=["w"]))
+
+    def model(self, x: torch.Tensor) -> None:
+        pyro.module("decoder", self.decoder)
+        w = pyro.sample("w", dist.Normal(x.new_zeros(X_DIM), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(x.new_zeros(Z_DIM), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(self.decoder(z) + w, 0.5).to_event(1), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:
+        self.global_guide(x)
+        pyro.module("encoder", self.encoder)
+        shift = pyro.param("shift", lambda: 0.1 * torch.randn(Z_DIM))  # random, drawn on first call
+        with pyro.plate("data", x.shape[0]):
+            loc, log_scale = self.encoder(x).chunk(2, -1)
+            pyro.sample("z", dist.Normal(loc + shift, log_scale.exp()).to_event(1))
+
+
+@pytest.mark.timeout(180)
+def test_parameters_created_on_first_call_stay_bitwise_equal_on_two_ranks(tmp_path):
+    train, valid = corpus()
+    torch.manual_seed(0)
+    pair = LazyPair()
+    fit_lightning(pair.model, pair.guide, train, valid, epochs=2, accelerator="cpu", devices=2,
+                  strategy="ddp_fork", run_dir=tmp_path / "run", callbacks=[RankRecorder(tmp_path)],
+                  trainer_options=QUIET, **SMALL)
+    first, second = (torch.load(tmp_path / f"rank{r}.pt")["params"] for r in range(2))
+    assert {"shift", "AutoNormal.locs.w", "AutoNormal.scales.w"} <= set(first) and set(first) == set(second)
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
