@@ -564,7 +564,8 @@ def test_scaling_benchmark_runs_at_tiny_size(shared_data, tmp_path):
 # --------------------------------------------------------------------------- one core, two drivers
 
 
-def _nan_batch_run(trainer: str, tmp_path: Path) -> BaseException:
+def _nan_batch_run(trainer: str, **options) -> BaseException:
+    """The error ``fit`` or ``fit_lightning`` stops with when training batch 4 holds a NaN."""
     train, valid = corpus()
     bad = train[3][0].clone()
     bad[5, 2] = float("nan")
@@ -572,10 +573,10 @@ def _nan_batch_run(trainer: str, tmp_path: Path) -> BaseException:
     vae = new_vae()
     with pytest.raises(Exception) as caught:
         if trainer == "fit":
-            fit(vae.model, vae.guide, train, valid, epochs=1, **SMALL)
+            fit(vae.model, vae.guide, train, valid, epochs=1, **options)
         else:
             fit_lightning(vae.model, vae.guide, train, valid, epochs=1, accelerator="cpu", devices=1,
-                          trainer_options=QUIET, **SMALL)
+                          trainer_options=QUIET, **options)
     return caught.value
 
 
@@ -597,7 +598,7 @@ def test_fit_and_lightning_return_the_same_result_with_the_same_history_keys(tmp
 
 
 def test_a_nan_batch_gets_the_same_error_from_fit_and_lightning(tmp_path):
-    from_fit, from_lightning = _nan_batch_run("fit", tmp_path), _nan_batch_run("lightning", tmp_path)
+    from_fit, from_lightning = _nan_batch_run("fit", **SMALL), _nan_batch_run("lightning", **SMALL)
     # an inner step draws the bad batch first: the guide's distribution meets the NaN
     assert type(from_fit) is type(from_lightning) is TrainingDivergedError
     # the same message, but for the step: each driver draws its inner batches from its own stream
@@ -609,20 +610,8 @@ def test_a_nan_batch_gets_the_same_error_from_fit_and_lightning(tmp_path):
 
 def test_a_nan_in_the_steps_own_batch_is_refused_alike_by_fit_and_lightning(tmp_path):
     """Without inner steps the model step meets the batch itself: refused before the step."""
-    errors = []
-    for trainer in ("fit", "lightning"):
-        train, valid = corpus()
-        bad = train[3][0].clone()
-        bad[5, 2] = float("nan")
-        train[3] = (bad,)
-        vae = new_vae()
-        with pytest.raises(NonFiniteBatchError) as caught:
-            if trainer == "fit":
-                fit(vae.model, vae.guide, train, valid, epochs=1, method="standard", lr=3e-3)
-            else:
-                fit_lightning(vae.model, vae.guide, train, valid, epochs=1, accelerator="cpu", devices=1,
-                              trainer_options=QUIET, method="standard", lr=3e-3)
-        errors.append(caught.value)
+    errors = [_nan_batch_run(trainer, method="standard", lr=3e-3) for trainer in ("fit", "lightning")]
+    assert all(isinstance(e, NonFiniteBatchError) for e in errors)
     assert all(isinstance(e, TrainingDivergedError) and isinstance(e, ValueError) for e in errors)
     assert str(errors[0]) == str(errors[1]) == "training batch 4 of epoch 1 holds NaN or infinite values in argument 0"
 
